@@ -1,0 +1,283 @@
+"""Point-to-point channel between two ranks: framed, validated, byte-counted.
+
+A ``Channel`` is one link to one peer rank (Megatron ``P2PCommunicator`` style: the peer is fixed
+once, and every public method goes through one private send routine and one private receive
+routine). Each message is a header (``wire.encode_header``) then the raw payload bytes, both sent
+with ``dist.isend`` / received with ``dist.irecv`` and waited with a timeout, so a dead peer turns
+into a ``PeerLostError`` instead of a hang.
+
+Ordering contract: messages on one channel are delivered in the order they were posted, no tags
+are used (NCCL ignores them, and a mismatched kind is then caught by header validation instead of
+deadlocking on gloo). At most one receive may be outstanding per channel.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fedsea_hpc.transport.wire import (
+    HEADER_BYTES,
+    HEADER_LEN,
+    Kind,
+    bytes_to_tensor,
+    decode_header,
+    encode_header,
+    tensor_to_bytes,
+)
+
+DIRECTIONS = ("sent", "recv")
+HEADER_KEY = "header"
+
+
+class ByteCounter:
+    """Bytes sent and received on this rank, per message kind.
+
+    Header bytes are kept under their own key ``'header'`` (``HEADER_BYTES`` per message) so
+    payload counters can be compared exactly with a theoretical minimum (``numel * itemsize``),
+    while the totals still report what really crossed the wire.
+    """
+
+    def __init__(self) -> None:
+        self._keys = tuple(k.name for k in Kind) + (HEADER_KEY,)
+        self._bytes: dict[str, dict[str, int]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self._bytes = {d: dict.fromkeys(self._keys, 0) for d in DIRECTIONS}
+
+    def add(self, direction: str, kind: Kind | str, nbytes: int) -> None:
+        """Count ``nbytes`` under ``direction`` ('sent' or 'recv') and ``kind`` (or 'header')."""
+        key = kind.name if isinstance(kind, Kind) else str(kind)
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r} is not one of {DIRECTIONS}")
+        if key not in self._keys:
+            raise ValueError(f"counter key {key!r} is not one of {self._keys}")
+        if nbytes < 0:
+            raise ValueError(f"nbytes {nbytes} is negative")
+        self._bytes[direction][key] += int(nbytes)
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """A copy: ``{"sent": {"activation": n, ..., "header": n}, "recv": {...}}``."""
+        return {d: dict(c) for d, c in self._bytes.items()}
+
+    def sent_total(self, *, include_header: bool = True) -> int:
+        """All bytes sent (payload plus, by default, headers)."""
+        return self._total("sent", include_header)
+
+    def recv_total(self, *, include_header: bool = True) -> int:
+        """All bytes received (payload plus, by default, headers)."""
+        return self._total("recv", include_header)
+
+    def _total(self, direction: str, include_header: bool) -> int:
+        c = self._bytes[direction]
+        return sum(v for k, v in c.items() if include_header or k != HEADER_KEY)
+
+
+class PeerLostError(RuntimeError):
+    """The peer died, closed its connection or did not answer within the timeout.
+
+    The channel (and in practice the process group) is unusable afterwards: a timed-out
+    operation may still be pending inside the backend.
+    """
+
+    def __init__(self, message: str, *, rank: int | None = None, peer: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.peer = peer
+
+
+class SendHandle:
+    """An in-flight send; keeps its buffers alive until ``wait`` returns."""
+
+    def __init__(self, channel: Channel, kind: Kind, step: int, works, buffers, nbytes: int):
+        self._channel, self._kind, self._step = channel, kind, step
+        self._works, self._buffers, self._nbytes = works, buffers, nbytes
+        self._done = False
+
+    def wait(self) -> None:
+        """Block until header and payload are handed off; counts bytes once they are."""
+        if self._done:
+            return
+        what = f"{self._kind.name} send to complete"
+        for work in self._works:
+            self._channel._wait(work, what, self._step)
+        self._channel.counter.add("sent", HEADER_KEY, HEADER_BYTES)
+        self._channel.counter.add("sent", self._kind, self._nbytes)
+        self._buffers = None  # the backend is done with them
+        self._done = True
+
+
+class RecvHandle:
+    """A posted header receive; ``wait`` validates it, receives the payload and returns it."""
+
+    def __init__(self, channel: Channel, kind: Kind, step: int, header: torch.Tensor, work):
+        self._channel, self._kind, self._step = channel, kind, step
+        self._header, self._work = header, work
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        """Return the received tensor (shape/dtype from the header, on the channel's device)."""
+        if self._result is None:
+            self._result = self._channel._finish_recv(self)
+        return self._result
+
+
+class Channel:
+    """One point-to-point link to ``peer``.
+
+    Parameters
+    ----------
+    peer : int
+        Global rank of the other end (even when ``group`` is a subgroup).
+    counter : ByteCounter
+        Shared per-rank counter; one counter for all channels of a rank gives per-rank totals.
+    max_bytes : int
+        Largest payload accepted from the peer; checked before allocation.
+    timeout_s : float
+        Seconds to wait for any single header or payload operation.
+    group : ProcessGroup, optional
+        None = default group.
+    device : torch.device or str, optional
+        Where receive buffers live and where sends are staged: 'cpu' for gloo (default), the
+        local CUDA device for NCCL.
+    """
+
+    def __init__(
+        self,
+        peer: int,
+        *,
+        counter: ByteCounter,
+        max_bytes: int,
+        timeout_s: float,
+        group=None,
+        device: torch.device | str | None = None,
+    ):
+        self.rank = dist.get_rank()
+        if peer == self.rank:
+            raise ValueError(f"rank {self.rank}: a channel to itself is not allowed")
+        if max_bytes < 0 or timeout_s <= 0:
+            raise ValueError(f"need max_bytes >= 0 and timeout_s > 0, got {max_bytes}, {timeout_s}")
+        self.peer = peer
+        self.counter = counter
+        self.max_bytes = max_bytes
+        self.timeout = timedelta(seconds=timeout_s)
+        self.group = group
+        self.device = torch.device("cpu" if device is None else device)
+        self._recv_pending = False
+
+    def __repr__(self) -> str:
+        return f"Channel(rank={self.rank} <-> peer={self.peer}, device={self.device})"
+
+    # ------------------------------------------------------------------ the two private routines
+
+    def isend(self, kind: Kind, tensor: torch.Tensor, step: int) -> SendHandle:
+        """Post header and payload of ``tensor`` (``ndim <= 4``); return a handle to wait on."""
+        kind = Kind(kind)
+        header = encode_header(kind, step, tensor).to(self.device)
+        payload = tensor_to_bytes(tensor.to(self.device))
+        what = f"{kind.name} send to be posted"
+        works = [self._post(dist.isend, header, what, step)]
+        if payload.numel():  # empty tensors are header-only: a 0-byte op is pointless
+            works.append(self._post(dist.isend, payload, what, step))
+        return SendHandle(self, kind, step, works, (header, payload), payload.numel())
+
+    def irecv(self, kind: Kind, step: int) -> RecvHandle:
+        """Post the header receive for the next message, expected to be ``kind`` at ``step``."""
+        kind = Kind(kind)
+        if self._recv_pending:
+            # A second header irecv would be matched with the first message's payload bytes.
+            raise RuntimeError(f"{self!r}: wait on the pending receive before posting another")
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        work = self._post(dist.irecv, header, f"{kind.name} header", step)
+        self._recv_pending = True
+        return RecvHandle(self, kind, step, header, work)
+
+    def _finish_recv(self, h: RecvHandle) -> torch.Tensor:
+        try:
+            self._wait(h._work, f"{h._kind.name} header", h._step)
+            # Counted before validation: a rejected header still crossed the wire.
+            self.counter.add("recv", HEADER_KEY, HEADER_BYTES)
+            meta = decode_header(
+                h._header,
+                max_bytes=self.max_bytes,
+                expect_kind=h._kind,
+                expect_step=h._step,
+                peer=self.peer,
+            )
+            buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=self.device)
+            if meta.nbytes:
+                work = self._post(dist.irecv, buf, h._kind.name, h._step)
+                self._wait(work, h._kind.name, h._step)
+        finally:
+            self._recv_pending = False
+        self.counter.add("recv", meta.kind, meta.nbytes)
+        return bytes_to_tensor(buf, meta)
+
+    def _post(self, op, tensor: torch.Tensor, what: str, step: int):
+        try:
+            return op(tensor, self.peer, group=self.group)
+        except Exception as e:  # backend errors have no common base class across versions
+            raise self._lost(what, step, e) from e
+
+    def _wait(self, work, what: str, step: int) -> None:
+        try:
+            ok = work.wait(timeout=self.timeout)
+        except Exception as e:
+            raise self._lost(what, step, e) from e
+        if ok is False:  # some backends report a timeout by returning False
+            raise self._lost(what, step, f"timed out after {self.timeout.total_seconds()} s")
+
+    def _lost(self, what: str, step: int, cause) -> PeerLostError:
+        msg = f"rank {self.rank}: lost rank {self.peer} while waiting for {what} (step {step})"
+        return PeerLostError(f"{msg}: {cause}", rank=self.rank, peer=self.peer)
+
+    # ------------------------------------------------------------------ blocking API
+
+    def send(self, kind: Kind, tensor: torch.Tensor, step: int) -> None:
+        """Send ``tensor`` and wait until the backend has taken it."""
+        self.isend(kind, tensor, step).wait()
+
+    def recv(self, kind: Kind, step: int) -> torch.Tensor:
+        """Receive the next message, which must be ``kind`` at ``step``.
+
+        Raises ``WireError`` for an invalid header (nothing allocated; if the peer did send a
+        payload after it, the stream is out of step and the channel should be dropped) and
+        ``PeerLostError`` when the peer dies or the timeout expires.
+        """
+        return self.irecv(kind, step).wait()
+
+    def send_activation(self, h: torch.Tensor, step: int) -> None:
+        """Send hidden states ``[B, T, H]``."""
+        self.send(Kind.ACTIVATION, h, step)
+
+    def recv_activation(self, step: int) -> torch.Tensor:
+        """Receive hidden states ``[B, T, H]``."""
+        return self.recv(Kind.ACTIVATION, step)
+
+    def send_gradient(self, g: torch.Tensor, step: int) -> None:
+        """Send dL/dh ``[B, T, H]``."""
+        self.send(Kind.GRADIENT, g, step)
+
+    def recv_gradient(self, step: int) -> torch.Tensor:
+        """Receive dL/dh ``[B, T, H]``."""
+        return self.recv(Kind.GRADIENT, step)
+
+    def send_lengths(self, lengths: torch.Tensor, step: int) -> None:
+        """Send per-sample lengths ``[B]`` int64 (the compressed attention mask)."""
+        self.send(Kind.LENGTHS, lengths.to(torch.int64), step)
+
+    def recv_lengths(self, step: int) -> torch.Tensor:
+        """Receive per-sample lengths ``[B]`` int64."""
+        return self.recv(Kind.LENGTHS, step)
+
+    def send_control(self, values: torch.Tensor, step: int) -> None:
+        """Send a small control vector (e.g. token counts)."""
+        self.send(Kind.CONTROL, values, step)
+
+    def recv_control(self, step: int) -> torch.Tensor:
+        """Receive a small control vector."""
+        return self.recv(Kind.CONTROL, step)

@@ -1,0 +1,296 @@
+"""Wire format of one point-to-point message, and the attention-mask codec.
+
+Every message is a fixed-size int64 header followed by the raw payload bytes::
+
+    [MAGIC, VERSION, kind, step, dtype_code, ndim, d0, d1, d2, d3, nbytes, reserved]
+
+The header has a fixed length so the receiver can always post its first ``irecv`` without knowing
+anything; it then validates the header *before* allocating the payload buffer, so a corrupt or
+hostile peer cannot make it allocate an absurd amount of memory or misinterpret bytes.
+
+The attention mask never crosses the wire: only per-sample lengths (``[B]`` int64) do, and each
+side rebuilds its HF-style ``[B, T]`` mask and position ids locally (FedSEA's mask compression).
+
+This module is pure (no ``torch.distributed``) so it is unit-testable in one process.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = 0x46534541  # "FSEA": rejects stray messages from code that is not speaking this protocol
+VERSION = 1
+HEADER_LEN = 12
+HEADER_BYTES = HEADER_LEN * 8  # int64 elements
+MAX_NDIM = 4
+PADDING_SIDES = ("left", "right")
+
+# Header field offsets; named so encode and decode cannot drift apart.
+_F_MAGIC, _F_VERSION, _F_KIND, _F_STEP, _F_DTYPE, _F_NDIM = 0, 1, 2, 3, 4, 5
+_F_DIMS = 6  # d0..d3 occupy 6..9
+_F_NBYTES, _F_RESERVED = 10, 11
+
+# Codes are part of the protocol: never renumber, only append.
+_DTYPE_BY_CODE: dict[int, torch.dtype] = {
+    1: torch.float32,
+    2: torch.float16,
+    3: torch.bfloat16,
+    4: torch.float64,
+    5: torch.int64,
+    6: torch.int32,
+    7: torch.uint8,
+    8: torch.bool,
+}
+_CODE_BY_DTYPE: dict[torch.dtype, int] = {d: c for c, d in _DTYPE_BY_CODE.items()}
+
+
+class WireError(ValueError):
+    """A message, header or mask that violates the wire protocol."""
+
+
+class Kind(enum.IntEnum):
+    """What a message carries; its lowercase ``name`` is the byte-counter key."""
+
+    ACTIVATION = 1  # hidden states [B, T, H], client -> server or server -> client
+    GRADIENT = 2  # dL/dh [B, T, H], either direction
+    LENGTHS = 3  # int64 per-sample lengths [B]
+    CONTROL = 4  # small int64/float vectors (token counts, flags)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        # Lowercase so counters, logs and JSON keys read naturally ("activation").
+        return self._name_.lower()
+
+
+def _kind_names() -> str:
+    return ", ".join(k.name for k in Kind)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: payload ``kind``, ``step`` (>= 0), ``dtype``, ``shape`` (at most
+    ``MAX_NDIM`` dims, ``()`` = scalar) and ``nbytes`` (= ``prod(shape) * itemsize``)."""
+
+    kind: Kind
+    step: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def encode_header(kind: Kind, step: int, tensor: torch.Tensor) -> torch.Tensor:
+    """Build the ``[HEADER_LEN]`` int64 CPU header describing ``tensor`` (kind, ``step >= 0``).
+
+    Raises ``WireError`` if ``tensor`` has more than ``MAX_NDIM`` dims or a dtype without a code.
+    """
+    kind = Kind(kind)
+    if step < 0:
+        raise WireError(f"cannot encode {kind.name}: step {step} is negative")
+    if tensor.dim() > MAX_NDIM:
+        raise WireError(f"cannot encode {kind.name}: ndim {tensor.dim()} > {MAX_NDIM}")
+    code = _CODE_BY_DTYPE.get(tensor.dtype)
+    if code is None:
+        raise WireError(f"cannot encode {kind.name}: dtype {tensor.dtype} has no wire code")
+    dims = list(tensor.shape) + [0] * (MAX_NDIM - tensor.dim())
+    nbytes = tensor.numel() * tensor.element_size()
+    fields = [MAGIC, VERSION, int(kind), step, code, tensor.dim(), *dims, nbytes, 0]
+    return torch.tensor(fields, dtype=torch.int64)
+
+
+def decode_header(
+    header: torch.Tensor,
+    *,
+    max_bytes: int,
+    expect_kind: Kind | None = None,
+    expect_step: int | None = None,
+    peer: int | None = None,
+) -> Header:
+    """Validate a received ``[HEADER_LEN]`` int64 header (any device) before anything is allocated.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Largest payload this receiver accepts.
+    expect_kind, expect_step : optional
+        If given, the header must carry exactly this kind / step.
+    peer : int, optional
+        Sender rank, used only in error messages.
+
+    Raises
+    ------
+    WireError
+        One line naming the first violation. ``reserved`` is ignored (``VERSION`` gates changes).
+    """
+    where = "bad header" if peer is None else f"bad header from rank {peer}"
+
+    def fail(why: str) -> WireError:
+        return WireError(f"{where}: {why}")
+
+    if header.dtype != torch.int64 or tuple(header.shape) != (HEADER_LEN,):
+        raise fail(f"expected int64[{HEADER_LEN}], got {header.dtype}{list(header.shape)}")
+    f = header.detach().cpu().tolist()
+    if f[_F_MAGIC] != MAGIC:
+        raise fail(f"magic {f[_F_MAGIC]:#x} is not {MAGIC:#x} (not a fedsea message)")
+    if f[_F_VERSION] != VERSION:
+        raise fail(f"protocol version {f[_F_VERSION]} is not {VERSION}")
+    if f[_F_KIND] not in Kind._value2member_map_:
+        raise fail(f"kind {f[_F_KIND]} is not one of {_kind_names()}")
+    kind = Kind(f[_F_KIND])
+    step = f[_F_STEP]
+    if step < 0:
+        raise fail(f"step {step} is negative")
+    dtype = _DTYPE_BY_CODE.get(f[_F_DTYPE])
+    if dtype is None:
+        raise fail(f"dtype code {f[_F_DTYPE]} is unknown (known: {sorted(_DTYPE_BY_CODE)})")
+    ndim = f[_F_NDIM]
+    if not 0 <= ndim <= MAX_NDIM:
+        raise fail(f"ndim {ndim} is outside 0..{MAX_NDIM}")
+    dims = f[_F_DIMS : _F_DIMS + MAX_NDIM]
+    shape = tuple(dims[:ndim])
+    if any(d < 0 for d in shape):
+        raise fail(f"shape {list(shape)} has a negative dim")
+    if any(d != 0 for d in dims[ndim:]):
+        raise fail(f"unused dims {dims[ndim:]} of a {ndim}-d shape are not 0")
+    # Python ints: the product cannot overflow, so a huge shape is caught by max_bytes below.
+    itemsize = dtype.itemsize
+    expected = math.prod(shape) * itemsize
+    nbytes = f[_F_NBYTES]
+    if nbytes != expected:
+        raise fail(f"nbytes {nbytes} != {expected} for {dtype} {list(shape)}")
+    if nbytes > max_bytes:
+        raise fail(f"payload of {nbytes} bytes exceeds max_bytes={max_bytes}")
+    if expect_kind is not None and kind != expect_kind:
+        raise fail(f"expected kind {Kind(expect_kind).name}, got {kind.name}")
+    if expect_step is not None and step != expect_step:
+        raise fail(f"expected step {expect_step}, got {step} ({kind.name})")
+    return Header(kind=kind, step=step, dtype=dtype, shape=shape, nbytes=nbytes)
+
+
+def tensor_to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Raw bytes of ``t`` (any shape) as ``[t.numel() * t.element_size()]`` uint8, same device.
+
+    A view when ``t`` is contiguous, else one contiguous copy; keep it alive until the send
+    completes. Detached because a dtype-changing view is refused on tensors that require grad.
+    """
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def bytes_to_tensor(buf: torch.Tensor, header: Header) -> torch.Tensor:
+    """View ``buf`` (``[header.nbytes]`` uint8) as ``header.shape`` of ``header.dtype``, no copy."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != header.nbytes:
+        raise WireError(
+            f"payload buffer {buf.dtype}{list(buf.shape)} does not hold {header.nbytes} bytes"
+        )
+    return buf.view(header.dtype).view(header.shape)
+
+
+# ----------------------------------------------------------------------------- mask codec
+
+
+def _check_side(padding_side: str) -> None:
+    if padding_side not in PADDING_SIDES:
+        raise WireError(f"padding_side {padding_side!r} is not one of {PADDING_SIDES}")
+
+
+def _check_lengths(lengths: torch.Tensor, seq_len: int) -> None:
+    if lengths.dim() != 1:
+        raise WireError(f"lengths must be 1-d [B], got shape {list(lengths.shape)}")
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len):
+        raise WireError(f"lengths {lengths.tolist()} outside 0..{seq_len}")
+
+
+def lengths_to_mask(lengths: torch.Tensor, seq_len: int, padding_side: str) -> torch.Tensor:
+    """Rebuild the HF-style padding mask: ``lengths`` ``[B]`` (each in ``0..T``) -> ``[B, T]``.
+
+    Returns int64 on ``lengths.device``, 1 = real token, 0 = pad, pads on ``padding_side``
+    ('right' or 'left'); ``seq_len`` is T.
+    """
+    _check_side(padding_side)
+    _check_lengths(lengths, seq_len)
+    pos = torch.arange(seq_len, device=lengths.device).unsqueeze(0)  # [1, T]
+    lens = lengths.to(torch.int64).unsqueeze(1)  # [B, 1]
+    if padding_side == "right":
+        mask = pos < lens
+    else:
+        mask = pos >= seq_len - lens
+    return mask.to(torch.int64)
+
+
+def _fits(mask: torch.Tensor, lengths: torch.Tensor, side: str) -> bool:
+    return bool(torch.equal(mask, lengths_to_mask(lengths, mask.shape[1], side)))
+
+
+def mask_to_lengths(mask: torch.Tensor, padding_side: str | None = None) -> torch.Tensor:
+    """Compress a ``[B, T]`` 0/1 mask (any int/bool dtype) to ``[B]`` int64 lengths.
+
+    ``padding_side`` ('right'/'left') if given must fit every row; if None, the whole batch must
+    fit one side (the receiver learns one side per batch, not per row).
+
+    Raises
+    ------
+    WireError
+        If the mask is not 0/1, or a row is not one run of ones flush with that side (a hole,
+        or pads on both ends): lengths could not reproduce it.
+    """
+    if mask.dim() != 2:
+        raise WireError(f"mask must be 2-d [B, T], got shape {list(mask.shape)}")
+    m = mask.to(torch.int64)
+    if m.numel() and (int(m.min()) < 0 or int(m.max()) > 1):
+        raise WireError("mask has values other than 0 and 1")
+    lengths = m.sum(dim=1)
+    sides = PADDING_SIDES if padding_side is None else (padding_side,)
+    for side in sides:
+        _check_side(side)
+        if _fits(m, lengths, side):
+            return lengths
+    bad = [
+        i
+        for i in range(m.shape[0])
+        if not any(_fits(m[i : i + 1], lengths[i : i + 1], s) for s in sides)
+    ]
+    which = f"row {bad[0]}" if bad else "rows padded on different sides"
+    raise WireError(
+        f"mask is not contiguous {'/'.join(sides)}-padded ({which}): lengths cannot encode it"
+    )
+
+
+def infer_padding_side(mask: torch.Tensor) -> str:
+    """Return 'right' or 'left' for a ``[B, T]`` mask (right wins when both fit, e.g. no pads).
+
+    Raises
+    ------
+    WireError
+        If neither side reproduces the mask (see ``mask_to_lengths``).
+    """
+    lengths = mask_to_lengths(mask)
+    return "right" if _fits(mask.to(torch.int64), lengths, "right") else "left"
+
+
+def position_ids_from_lengths(
+    lengths: torch.Tensor, seq_len: int, padding_side: str
+) -> torch.Tensor:
+    """Position ids matching ``lengths_to_mask``: real tokens are always ``0..len-1``.
+
+    Right padding: plain ``arange(T)`` per row (real tokens come first; pads continue counting,
+    harmless because they are masked, and this is what HF does without a mask).
+    Left padding: real tokens start at 0 after the pads, and pads get 0. HF's ``generate`` puts 1
+    on pads; any in-range value works since pads are masked out, and 0 keeps ids ``>= 0`` for
+    every rotary table.
+
+    ``lengths`` ``[B]`` int64 -> ``[B, T]`` int64 on ``lengths.device`` (T = ``seq_len``).
+    """
+    _check_side(padding_side)
+    _check_lengths(lengths, seq_len)
+    pos = torch.arange(seq_len, device=lengths.device).unsqueeze(0)  # [1, T]
+    if padding_side == "right":
+        return pos.expand(lengths.shape[0], seq_len).clone()
+    start = seq_len - lengths.to(torch.int64).unsqueeze(1)  # [B, 1] index of first real token
+    return (pos - start).clamp_min(0)

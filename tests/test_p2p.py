@@ -1,0 +1,229 @@
+"""Two real gloo ranks over loopback exercising Channel, ByteCounter and failure handling.
+
+One ``torch.multiprocessing.spawn`` of two ranks runs every scenario (assertions inside the
+workers); each test then checks its scenario's outcome on both ranks.
+"""
+
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fedsea_hpc.transport.p2p import ByteCounter, Channel, PeerLostError
+from fedsea_hpc.transport.wire import HEADER_BYTES, HEADER_LEN, Kind, WireError
+
+TIMEOUT_S = 10.0
+SHORT_TIMEOUT_S = 0.5
+SILENT_S = 1.5  # rank 1 stays alive but silent this long before it dies
+MAX_BYTES = 1 << 26
+
+# (kind, shape, dtype): varied ranks, dtypes, an empty tensor and a scalar.
+CASES = [
+    (Kind.ACTIVATION, (2, 5, 8), torch.float32),
+    (Kind.ACTIVATION, (3, 7, 16), torch.bfloat16),
+    (Kind.GRADIENT, (2, 5, 8), torch.float16),
+    (Kind.GRADIENT, (1, 2, 3, 4), torch.float64),
+    (Kind.LENGTHS, (4,), torch.int64),
+    (Kind.CONTROL, (), torch.int32),
+    (Kind.CONTROL, (3,), torch.bool),
+    (Kind.CONTROL, (5,), torch.uint8),
+    (Kind.ACTIVATION, (0, 5, 8), torch.float32),  # empty: header only
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make(i: int, shape, dtype, src: int) -> torch.Tensor:
+    """Deterministic tensor both ranks can rebuild: the receiver knows what to expect."""
+    g = torch.Generator().manual_seed(1000 * src + i)
+    x = torch.randn(shape, generator=g) * 50
+    if dtype == torch.bool:
+        return x > 0
+    return x.abs().to(dtype) if dtype == torch.uint8 else x.to(dtype)
+
+
+def _expected_payload(cases) -> dict[str, int]:
+    out = {k.name: 0 for k in Kind}
+    for kind, shape, dtype in cases:
+        out[kind.name] += torch.empty(shape, dtype=dtype).nbytes
+    return out
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """Run every scenario in order on one 2-rank group; record 'ok' or a traceback for each.
+
+    One spawn for all scenarios because starting two interpreters that import torch costs
+    seconds; the stream-breaking scenarios (timeout, dead peer) come last.
+    """
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    results = {}
+    for name, body in SCENARIOS.items():
+        try:
+            body(rank)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        # Written after each scenario: rank 1 leaves with os._exit in the last one.
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        if name != "dead_peer":
+            dist.barrier()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[int, dict[str, str]]:
+    out = tmp_path_factory.mktemp("p2p")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def _check(results, name: str, ranks=(0, 1)) -> None:
+    for rank in ranks:
+        outcome = results[rank].get(name, "did not run")
+        if outcome != "ok":
+            pytest.fail(f"rank {rank}, scenario {name}:\n{outcome}")
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def _round_trip_body(rank: int) -> None:
+    # Prepare
+    peer = 1 - rank
+    counter = ByteCounter()
+    ch = Channel(peer, counter=counter, max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S)
+    # Execute: rank 0 -> rank 1, then rank 1 -> rank 0 (one non-contiguous input each way),
+    # then both directions at once with isend + recv.
+    for src in (0, 1):
+        for i, (kind, shape, dtype) in enumerate(CASES):
+            if rank == src:
+                t = _make(i, shape, dtype, src)
+                ch.send(kind, t.transpose(0, -1) if i == 0 else t, step=i)
+            else:
+                got = ch.recv(kind, step=i)
+                want = _make(i, shape, dtype, src)
+                want = want.transpose(0, -1) if i == 0 else want
+                # Assert (per message)
+                assert got.dtype == want.dtype and got.shape == want.shape, (i, got.shape)
+                assert torch.equal(got, want), i
+    h = _make(99, (2, 3, 4), torch.bfloat16, rank)
+    handle = ch.isend(Kind.ACTIVATION, h, step=99)
+    got = ch.recv_activation(step=99)
+    handle.wait()
+    assert torch.equal(got, _make(99, (2, 3, 4), torch.bfloat16, peer))
+    # Assert: payload bytes are exactly numel * itemsize, headers counted apart.
+    n_msgs = len(CASES) + 1
+    want = _expected_payload(CASES)
+    want["activation"] += h.nbytes
+    want["header"] = n_msgs * HEADER_BYTES
+    totals = counter.totals()
+    assert totals["sent"] == want, totals
+    assert totals["recv"] == want, totals
+    assert counter.sent_total() == sum(want.values())
+    assert counter.recv_total(include_header=False) == sum(want.values()) - want["header"]
+
+
+def test_round_trip_both_directions_and_byte_counts(results):
+    _check(results, "round_trip")
+
+
+# ----------------------------------------------------------------------------- corrupt header
+
+
+def _corrupt_header_body(rank: int) -> None:
+    # Prepare
+    counter = ByteCounter()
+    ch = Channel(1 - rank, counter=counter, max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S)
+    bad = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    bad[0] = 0xBAD
+    if rank == 1:
+        dist.send(bad, dst=0)  # raw tensor, no protocol
+        ch.send_lengths(torch.tensor([3, 1]), step=5)  # the stream stays usable afterwards
+        return
+    # Execute / Assert
+    with pytest.raises(WireError, match="bad header from rank 1: magic 0xbad"):
+        ch.recv(Kind.ACTIVATION, step=0)
+    assert torch.equal(ch.recv_lengths(step=5), torch.tensor([3, 1]))
+    # the rejected header crossed the wire, so it is counted; no payload was received
+    assert counter.totals()["recv"] == {**_expected_payload([]), "lengths": 16,
+                                        "header": 2 * HEADER_BYTES}
+
+
+def test_corrupt_header_raises_wire_error(results):
+    _check(results, "corrupt_header")
+
+
+# ----------------------------------------------------------------------------- peer loss
+
+
+def _dead_peer_body(rank: int) -> None:
+    """Rank 1 first stays silent past a short timeout, then dies without a word.
+
+    The timeout is exercised on a separate group because gloo closes a pair after a timed-out
+    op; on the default group's pair the later failure must then come from the death itself.
+    """
+    side_group = dist.new_group([0, 1])  # collective: both ranks, before rank 1 goes quiet
+    if rank == 1:
+        time.sleep(SILENT_S)
+        os._exit(0)
+    # Prepare
+    short = Channel(
+        1, counter=ByteCounter(), max_bytes=MAX_BYTES, timeout_s=SHORT_TIMEOUT_S, group=side_group
+    )
+    ch = Channel(1, counter=ByteCounter(), max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S)
+    # Execute / Assert: silent but alive -> timeout
+    start = time.monotonic()
+    with pytest.raises(PeerLostError, match="rank 0: lost rank 1 while waiting for gradient"):
+        short.recv_gradient(step=2)
+    assert time.monotonic() - start < SILENT_S
+    # Execute: dead -> connection error, well before this channel's timeout
+    start = time.monotonic()
+    with pytest.raises(PeerLostError) as info:
+        ch.recv_activation(step=4)
+    elapsed = time.monotonic() - start
+    # Assert
+    msg = str(info.value)
+    assert msg.startswith("rank 0: lost rank 1 while waiting for activation"), msg
+    assert "(step 4)" in msg and "timed out" not in msg.lower(), msg
+    assert info.value.rank == 0 and info.value.peer == 1
+    assert elapsed < TIMEOUT_S, elapsed
+    # No destroy_process_group: the peer is gone, the group cannot be torn down collectively.
+
+
+def test_silent_then_dead_peer_raises_peer_lost_error(results):
+    _check(results, "dead_peer", ranks=(0,))  # rank 1 dies on purpose, before recording
+
+
+SCENARIOS = {
+    "round_trip": _round_trip_body,
+    "corrupt_header": _corrupt_header_body,
+    "dead_peer": _dead_peer_body,
+}
+
+
+def test_channel_to_self_is_refused():
+    with pytest.raises(ValueError, match="itself"):
+        _spawn_single_self_channel()
+
+
+def _spawn_single_self_channel():
+    # A channel needs an initialized group to learn its own rank; a 1-rank gloo group is cheap.
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        Channel(0, counter=ByteCounter(), max_bytes=1, timeout_s=1.0)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,206 @@
+"""Unit tests for the wire header, payload codec and attention-mask codec (single process)."""
+
+import pytest
+import torch
+
+from fedsea_hpc.transport.wire import (
+    HEADER_LEN,
+    MAGIC,
+    Kind,
+    WireError,
+    bytes_to_tensor,
+    decode_header,
+    encode_header,
+    infer_padding_side,
+    lengths_to_mask,
+    mask_to_lengths,
+    position_ids_from_lengths,
+    tensor_to_bytes,
+)
+
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+]
+SHAPES = [(), (3,), (2, 5), (2, 0, 4), (1, 2, 3, 4)]
+BIG = 1 << 30
+
+
+def _sample(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 100
+    if dtype == torch.bool:
+        return x > 0
+    if dtype == torch.uint8:
+        return x.abs().to(dtype)
+    return x.to(dtype)
+
+
+def test_kind_names_are_lowercase_counter_keys():
+    assert [k.name for k in Kind] == ["activation", "gradient", "lengths", "control"]
+    assert [int(k) for k in Kind] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_header_round_trip(dtype, shape):
+    # Prepare
+    t = _sample(shape, dtype)
+    # Execute
+    header = encode_header(Kind.GRADIENT, 7, t)
+    meta = decode_header(header, max_bytes=BIG, expect_kind=Kind.GRADIENT, expect_step=7)
+    # Assert
+    assert header.dtype == torch.int64 and header.shape == (HEADER_LEN,)
+    assert meta.kind is Kind.GRADIENT and meta.step == 7
+    assert meta.dtype == dtype and meta.shape == tuple(shape)
+    assert meta.nbytes == t.numel() * t.element_size()
+
+
+def _corrupt(**fields):
+    """A valid header of float32 [2, 3] with some fields overwritten by index."""
+    h = encode_header(Kind.ACTIVATION, 3, torch.zeros(2, 3))
+    for idx, value in fields.items():
+        h[int(idx[1:])] = value
+    return h
+
+
+@pytest.mark.parametrize(
+    "header, kwargs, match",
+    [
+        (_corrupt(f0=12345), {}, "magic"),
+        (_corrupt(f1=99), {}, "version 99"),
+        (_corrupt(f2=9), {}, "kind 9 is not one of activation, gradient, lengths, control"),
+        (_corrupt(f4=42), {}, "dtype code 42"),
+        (_corrupt(f5=5), {}, "ndim 5"),
+        (_corrupt(f5=-1), {}, "ndim -1"),
+        (_corrupt(f6=-2, f10=-24), {}, "negative dim"),
+        (_corrupt(f8=4), {}, "unused dims"),
+        (_corrupt(f10=25), {}, "nbytes 25 != 24"),
+        (_corrupt(f3=-1), {}, "step -1"),
+        (encode_header(Kind.ACTIVATION, 3, torch.zeros(2, 3)), {"max_bytes": 23}, "max_bytes=23"),
+        (encode_header(Kind.ACTIVATION, 3, torch.zeros(2, 3)), {"expect_kind": Kind.GRADIENT},
+         "expected kind gradient, got activation"),
+        (encode_header(Kind.ACTIVATION, 3, torch.zeros(2, 3)), {"expect_step": 4},
+         "expected step 4, got 3"),
+        (torch.zeros(HEADER_LEN, dtype=torch.int32), {}, "expected int64"),
+        (torch.zeros(HEADER_LEN - 1, dtype=torch.int64), {}, "expected int64"),
+    ],
+)
+def test_decode_rejects(header, kwargs, match):
+    # Prepare
+    kwargs = {"max_bytes": BIG, **kwargs}
+    # Execute / Assert
+    with pytest.raises(WireError, match=match) as info:
+        decode_header(header, peer=3, **kwargs)
+    assert str(info.value).startswith("bad header from rank 3: ")
+    assert "\n" not in str(info.value)
+
+
+def test_decode_validates_before_allocating_huge_shapes():
+    # A 2^60-element shape with a consistent nbytes must be refused by max_bytes, not by OOM.
+    header = _corrupt(f6=1 << 30, f7=1 << 30, f10=(1 << 60) * 4)
+    with pytest.raises(WireError, match="exceeds max_bytes"):
+        decode_header(header, max_bytes=BIG)
+
+
+def test_encode_rejects_what_it_cannot_describe():
+    with pytest.raises(WireError, match="ndim 5"):
+        encode_header(Kind.ACTIVATION, 0, torch.zeros(1, 1, 1, 1, 1))
+    with pytest.raises(WireError, match="no wire code"):
+        encode_header(Kind.ACTIVATION, 0, torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(WireError, match="negative"):
+        encode_header(Kind.ACTIVATION, -1, torch.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_payload_round_trip_is_bit_exact(dtype):
+    # Prepare: include NaN/inf/-0.0 for float types, where value equality would lie.
+    t = _sample((2, 3, 4), dtype)
+    if t.is_floating_point():
+        t.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0]).to(dtype)
+    meta = decode_header(encode_header(Kind.ACTIVATION, 0, t), max_bytes=BIG)
+    # Execute
+    buf = tensor_to_bytes(t).clone()  # clone: simulate a fresh receive buffer
+    out = bytes_to_tensor(buf, meta)
+    # Assert
+    assert buf.dtype == torch.uint8 and buf.numel() == meta.nbytes
+    assert out.dtype == dtype and out.shape == t.shape
+    assert torch.equal(out.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+
+
+def test_tensor_to_bytes_is_a_view_when_contiguous_and_handles_odd_inputs():
+    t = torch.randn(4, 5, requires_grad=True)
+    assert tensor_to_bytes(t).data_ptr() == t.data_ptr()
+    nc = torch.arange(12.0).reshape(3, 4).t()  # non-contiguous: one copy, values in logical order
+    meta = decode_header(encode_header(Kind.ACTIVATION, 0, nc), max_bytes=BIG)
+    assert torch.equal(bytes_to_tensor(tensor_to_bytes(nc).clone(), meta), nc)
+    empty = torch.zeros(0, 7)
+    meta = decode_header(encode_header(Kind.ACTIVATION, 0, empty), max_bytes=BIG)
+    assert bytes_to_tensor(tensor_to_bytes(empty), meta).shape == (0, 7)
+    with pytest.raises(WireError, match="does not hold"):
+        bytes_to_tensor(torch.zeros(3, dtype=torch.uint8), meta)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mask_codec_round_trip(side):
+    # Prepare: empty row, full row, and partial rows.
+    lengths = torch.tensor([0, 5, 2, 1, 4])
+    # Execute
+    mask = lengths_to_mask(lengths, 5, side)
+    back = mask_to_lengths(mask, side)
+    # Assert
+    assert mask.dtype == torch.int64 and mask.shape == (5, 5)
+    assert torch.equal(back, lengths)
+    assert torch.equal(mask_to_lengths(mask), lengths)  # side inferred
+    assert infer_padding_side(mask) == side
+    assert mask[0].sum() == 0 and mask[1].sum() == 5
+    if side == "right":
+        assert mask[2].tolist() == [1, 1, 0, 0, 0]
+    else:
+        assert mask[2].tolist() == [0, 0, 0, 1, 1]
+
+
+def test_mask_codec_matches_a_tokenizer_style_mask():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert mask_to_lengths(mask).tolist() == [3, 1]
+
+
+@pytest.mark.parametrize(
+    "mask, side",
+    [
+        ([[1, 0, 1, 1]], None),  # hole in the middle
+        ([[0, 1, 1, 0]], None),  # pads on both sides
+        ([[1, 1, 0, 0], [0, 0, 1, 1]], None),  # rows padded on different sides
+        ([[0, 0, 1, 1]], "right"),  # wrong side for the declared padding
+        ([[1, 2, 0, 0]], None),  # not 0/1
+    ],
+)
+def test_mask_that_lengths_cannot_encode_raises(mask, side):
+    with pytest.raises(WireError):
+        mask_to_lengths(torch.tensor(mask), side)
+
+
+def test_lengths_validation():
+    with pytest.raises(WireError, match="outside"):
+        lengths_to_mask(torch.tensor([6]), 5, "right")
+    with pytest.raises(WireError, match="padding_side"):
+        lengths_to_mask(torch.tensor([1]), 5, "middle")
+
+
+def test_position_ids():
+    lengths = torch.tensor([0, 3, 5])
+    right = position_ids_from_lengths(lengths, 5, "right")
+    left = position_ids_from_lengths(lengths, 5, "left")
+    assert right.tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert left.tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    # Real tokens are numbered 0..len-1 on either side.
+    for side, pos in (("right", right), ("left", left)):
+        mask = lengths_to_mask(lengths, 5, side).bool()
+        for i, n in enumerate(lengths.tolist()):
+            assert pos[i][mask[i]].tolist() == list(range(n))
