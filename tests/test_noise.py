@@ -1,0 +1,178 @@
+"""Unit tests for the privacy noise functions and the PrivateSender wrapper (single process)."""
+
+import math
+
+import pytest
+import torch
+
+from fedsea_hpc.privacy.noise import (
+    NoiseStats,
+    PrivateSender,
+    add_noise,
+    clip_per_sample,
+    gaussian_noise_like,
+    mean_abs_from_sigma,
+    privatize_gradient,
+    sigma_from_mean_abs,
+)
+from fedsea_hpc.transport.wire import Kind
+
+
+class FakeChannel:
+    """Records what would have been sent; answers receives from a canned tensor."""
+
+    def __init__(self):
+        self.sent: list[tuple[Kind, torch.Tensor, int]] = []
+        self.counter = "the channel's counter"
+
+    def send(self, kind, tensor, step):
+        self.sent.append((Kind(kind), tensor.clone(), step))
+
+    def isend(self, kind, tensor, step):
+        self.send(kind, tensor, step)
+        return "handle"
+
+    def send_lengths(self, lengths, step):
+        self.send(Kind.LENGTHS, lengths, step)
+
+    def recv_gradient(self, step):
+        return torch.full((2, 3), float(step))
+
+
+def test_sigma_mean_abs_conversion():
+    # The paper's default: mean |eps| = 0.02  ->  sigma = 0.02 * sqrt(pi / 2)
+    assert sigma_from_mean_abs(0.02) == pytest.approx(0.02 * math.sqrt(math.pi / 2))
+    assert sigma_from_mean_abs(0.02) == pytest.approx(0.025066, abs=1e-6)
+    assert mean_abs_from_sigma(sigma_from_mean_abs(0.37)) == pytest.approx(0.37)
+    assert sigma_from_mean_abs(0.0) == 0.0
+    with pytest.raises(ValueError):
+        sigma_from_mean_abs(-1.0)
+
+
+def test_noise_has_the_requested_distribution():
+    # Prepare
+    sigma = sigma_from_mean_abs(0.02)
+    h = torch.zeros(8, 128, 1024)  # ~1e6 elements
+    # Execute
+    eps = add_noise(h, sigma, torch.Generator().manual_seed(0))
+    # Assert
+    assert eps.std().item() == pytest.approx(sigma, rel=0.02)
+    assert abs(eps.mean().item()) < 5 * sigma / math.sqrt(eps.numel())
+    assert eps.abs().mean().item() == pytest.approx(0.02, rel=0.02)
+
+
+def test_noise_is_fresh_each_call_and_reproducible_per_seed():
+    h = torch.zeros(4, 16)
+    g = torch.Generator().manual_seed(1)
+    a, b = add_noise(h, 1.0, g), add_noise(h, 1.0, g)
+    assert not torch.equal(a, b)
+    again = add_noise(h, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, again)
+
+
+def test_noise_keeps_dtype_and_rejects_bad_input():
+    h = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert gaussian_noise_like(h, 0.1, None).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        gaussian_noise_like(h, -0.1, None)
+    with pytest.raises(TypeError):
+        gaussian_noise_like(torch.zeros(3, dtype=torch.int64), 0.1, None)
+
+
+def test_add_noise_never_touches_the_autograd_graph():
+    # Prepare
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(2, 3)
+    h = x @ w  # [B, H] with a grad_fn
+    # Execute
+    noised = add_noise(h, 0.5, torch.Generator().manual_seed(0))
+    h.sum().backward()
+    # Assert: the clean h backprops the clean value, the noised copy is outside the graph.
+    assert noised.grad_fn is None and not noised.requires_grad
+    assert torch.allclose(w.grad, x.sum(0, keepdim=True).t().expand(3, 4))
+    assert not torch.equal(noised, h.detach())
+    zero = add_noise(h, 0.0, None)
+    assert zero.grad_fn is None and zero.data_ptr() == h.data_ptr()  # no copy when std is 0
+
+
+def test_clip_per_sample():
+    # Prepare: row norms 5, 0.3, 0 (rows of [B, T, H] = [3, 1, 2])
+    g = torch.tensor([[[3.0, 4.0]], [[0.3, 0.0]], [[0.0, 0.0]]])
+    # Execute
+    clipped = clip_per_sample(g, 1.0)
+    # Assert
+    norms = clipped.flatten(1).norm(dim=1)
+    assert norms[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(clipped[0], g[0] / 5, atol=1e-6)  # direction kept
+    assert torch.equal(clipped[1:], g[1:])  # small rows bit-identical
+    assert torch.equal(clip_per_sample(g, 0.0), g)  # <= 0 means off
+
+
+def test_privatize_gradient_clips_then_noises():
+    g = torch.full((2, 4, 8), 10.0)
+    out = privatize_gradient(g, 1.0, 0.0, None)
+    assert torch.allclose(out.flatten(1).norm(dim=1), torch.ones(2), atol=1e-5)
+    noisy = privatize_gradient(g, 1.0, 0.1, torch.Generator().manual_seed(0))
+    assert 0 < (noisy - out).abs().max() < 1.0
+
+
+def test_private_sender_noises_activations_and_records_stats():
+    # Prepare
+    fake = FakeChannel()
+    sender = PrivateSender(fake, noise_std=0.3, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(4, 8, 16, requires_grad=True)
+    # Execute: two steps, plus a generic send() that must not bypass the noise
+    sender.send_activation(h, step=0)
+    sender.send_activation(h, step=1)
+    sender.send(Kind.ACTIVATION, h, step=2)
+    # Assert
+    eps = torch.cat([(t - h.detach()).flatten() for _, t, _ in fake.sent]).double()
+    assert [(k, s) for k, _, s in fake.sent] == [(Kind.ACTIVATION, i) for i in range(3)]
+    assert not torch.equal(fake.sent[0][1], fake.sent[1][1])  # fresh noise each step
+    st = sender.activation_stats
+    assert st.count == eps.numel() == 3 * h.numel()
+    assert st.mean == pytest.approx(eps.mean().item(), abs=1e-6)
+    assert st.std == pytest.approx(eps.std(unbiased=False).item(), rel=1e-4)
+    assert st.mean_abs == pytest.approx(eps.abs().mean().item(), rel=1e-4)
+    assert st.std == pytest.approx(0.3, rel=0.05)
+    assert sender.gradient_stats.count == 0
+    assert h.grad_fn is None and h.requires_grad  # caller's tensor untouched
+
+
+def test_private_sender_gradients_and_delegation():
+    # Prepare
+    fake = FakeChannel()
+    sender = PrivateSender(
+        fake, noise_std=0.1, grad_clip=1.0, grad_noise_std=0.01,
+        generator=torch.Generator().manual_seed(0),
+    )
+    g = torch.full((2, 3, 4), 5.0)
+    lengths = torch.tensor([3, 2])
+    # Execute
+    sender.send_gradient(g, step=7)
+    sender.send_lengths(lengths, step=7)
+    handle = sender.isend(Kind.CONTROL, torch.tensor([1, 2]), step=7)
+    # Assert: gradient clipped (norm ~1) plus noise; lengths and control pass through untouched
+    (k0, sent_g, _), (k1, sent_len, _), (k2, sent_ctl, _) = fake.sent
+    assert k0 is Kind.GRADIENT and sent_g.flatten(1).norm(dim=1).sub(1).abs().max() < 0.1
+    assert k1 is Kind.LENGTHS and torch.equal(sent_len, lengths)
+    assert k2 is Kind.CONTROL and torch.equal(sent_ctl, torch.tensor([1, 2])) and handle == "handle"
+    assert sender.gradient_stats.count == g.numel()
+    assert sender.activation_stats.count == 0
+    assert torch.equal(sender.recv_gradient(step=3), torch.full((2, 3), 3.0))  # delegated
+    assert sender.counter == "the channel's counter"
+
+
+def test_private_sender_with_zero_noise_sends_the_clean_values():
+    fake = FakeChannel()
+    sender = PrivateSender(fake, noise_std=0.0, generator=torch.Generator())
+    h = torch.randn(2, 3, 4)
+    sender.send_activation(h, step=0)
+    assert torch.equal(fake.sent[0][1], h) and sender.activation_stats.count == 0
+    with pytest.raises(ValueError):
+        PrivateSender(fake, noise_std=-1.0, generator=torch.Generator())
+
+
+def test_noise_stats_empty_is_zero():
+    st = NoiseStats()
+    assert (st.count, st.mean, st.std, st.mean_abs) == (0, 0.0, 0.0, 0.0)
