@@ -1,0 +1,318 @@
+"""Typed configuration: YAML file + ``key=value`` overrides, validated once.
+
+Every field carries its help text in ``metadata["help"]``; ``fedsea config-reference`` renders
+them, so README's reference is generated from this file and cannot drift from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error (exit code 2)."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: yaml.safe_load(yaml.safe_dump(d)),
+                     metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# The paper reports its default noise (0.02) as the mean absolute value of the Gaussian noise;
+# E|ε| = σ·sqrt(2/π), so the matching standard deviation is 0.02·sqrt(π/2) ≈ 0.02507.
+PAPER_NOISE_SIGMA = 0.02 * math.sqrt(math.pi / 2)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    output_dir: str = _f("runs/default", "Directory for config.yaml, metrics.jsonl, summary.json and adapters.")
+    seed: int = _f(0, "Seed for model init, LoRA init, data order and noise.")
+    log_every: int = _f(1, "Print a progress line every this many steps (metrics.jsonl gets every step).")
+    progress: bool = _f(True, "Show a progress bar on rank 0.")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str = _f("tiny", "'tiny' (random Llama built from model.tiny_*), a local HF Llama dir, a .gguf file or a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = _f("float32", "Parameter and activation dtype (float64 is for exactness checks).")
+    attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "transformers attention kernel, the same on every rank.")
+    cache_dir: str = _f("", "Where converted checkpoints (GGUF → safetensors) are cached; '' = ~/.cache/fedsea.")
+    tiny_hidden_size: int = _f(64, "Hidden size of the 'tiny' model.")
+    tiny_layers: int = _f(6, "Number of decoder blocks of the 'tiny' model.")
+    tiny_heads: int = _f(4, "Attention heads of the 'tiny' model.")
+    tiny_kv_heads: int = _f(2, "Key/value heads of the 'tiny' model (GQA when < tiny_heads).")
+    tiny_intermediate_size: int = _f(128, "MLP width of the 'tiny' model.")
+
+
+@dataclass(kw_only=True)
+class TopologyConfig:
+    clients: int = _f(2, "Number of client ranks (data silos); they are global ranks 0..clients-1.")
+    servers: int = _f(1, "Number of server ranks (DeepSpeed group); global ranks clients..clients+servers-1.")
+
+
+@dataclass(kw_only=True)
+class SplitConfig:
+    head_layers: int = _f(1, "p: blocks [0, p) run on the client before the server (Part A).")
+    tail_layers: int = _f(1, "q: blocks [L-q, L) plus norm and head run on the client after the server (Part C).")
+    per_client: list = _f([], "Optional per-client overrides, one [p, q] pair per client rank, e.g. [[1, 1], [2, 1]].")
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    lora_r: int = _f(8, "LoRA rank; 0 means full fine-tuning of every part.")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get LoRA adapters.")
+
+
+@dataclass(kw_only=True)
+class PrivacyConfig:
+    noise_std: float = _f(round(PAPER_NOISE_SIGMA, 6),
+                          "σ of the Gaussian noise a client adds to the hidden states it sends. The paper's "
+                          "default 0.02 is a mean |ε|, i.e. σ = 0.02·sqrt(π/2) ≈ 0.02507 (this default). 0 disables.")
+    grad_clip: float = _f(0.0, "Per-sample L2 clip of the gradient a client returns to the server; 0 = off.")
+    grad_noise_std: float = _f(0.0, "σ of Gaussian noise added to that returned gradient; 0 = off.")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    mode: Literal["parallel", "sequential", "centralized"] = _f(
+        "parallel", "parallel: all clients at once (client-batch); sequential: one client at a time; "
+        "centralized: one process, the unsplit model on the union of the clients' batches.")
+    steps: int = _f(60, "Optimizer steps.")
+    micro_batch_size: int = _f(8, "Sequences per client per step.")
+    seq_len: int = _f(128, "Sequences are truncated to this many tokens (the cut is counted).")
+    lr: float = _f(3e-3, "AdamW learning rate, same on every part.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+
+
+@dataclass(kw_only=True)
+class FederatedConfig:
+    avg_every: int = _f(1, "Average client-side trainable parameters over the clients every this many steps, "
+                           "weighted by samples. 1 averages gradients every step (FedSGD), which equals "
+                           "centralized training; 0 never averages.")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_files: list = _f([], "JSONL files: one per client, or one sharded round-robin over clients. "
+                               "[] = the small corpus shipped with the package.")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = _f(0, "ZeRO stage 0-3 for the server group's Part B.")
+    extra: dict = _f({}, "Extra keys merged into the DeepSpeed config dict (advanced).")
+
+
+@dataclass(kw_only=True)
+class CommConfig:
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend; auto = nccl with GPUs, else gloo.")
+    timeout_s: float = _f(60.0, "A rank waiting longer than this on a peer gives up and the job exits non-zero.")
+    max_message_mb: float = _f(1024.0, "Largest payload a receiver accepts before allocating.")
+
+
+@dataclass(kw_only=True)
+class DebugConfig:
+    fail_rank: int = _f(-1, "Fault injection for tests: this rank exits abruptly ...")
+    fail_step: int = _f(-1, "... at the start of this step (-1 = never).")
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def split_for(self, client: int) -> tuple[int, int]:
+        """(p, q) of one client rank."""
+        if self.split.per_client:
+            p, q = self.split.per_client[client]
+            return int(p), int(q)
+        return self.split.head_layers, self.split.tail_layers
+
+    def world_size(self) -> int:
+        return 1 if self.train.mode == "centralized" else self.topology.clients + self.topology.servers
+
+
+# ---------------------------------------------------------------- parsing
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else typing.get_type_hints(Config)[f.name]
+            for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is list:
+        if isinstance(value, str):  # a single file/module given on the command line
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _apply(cfg: Config, tree: dict, source: str) -> None:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for section, values in tree.items():
+        if not hasattr(cfg, section):
+            raise ConfigError(f"unknown config section '{section}' (allowed: {', '.join(_sections())})")
+        obj = getattr(cfg, section)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        hints = typing.get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key '{section}.{key}' "
+                                  f"(allowed in {section}: {', '.join(hints)})")
+            setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.steps=5", "peft.target_modules=[q_proj]"]`` → nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like section.key=value")
+        dotted, raw = pair.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key {dotted!r} must look like section.key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        tree.setdefault(parts[0], {})[parts[1]] = value
+    return tree
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← overrides, then :func:`validate`. Raises ConfigError."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {path!r}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        _apply(cfg, tree, path)
+    _apply(cfg, parse_overrides(overrides or []), "overrides")
+    validate(cfg)
+    return cfg
+
+
+def shipped_data_files() -> list[str]:
+    root = resources.files("fedsea_hpc") / "data" / "tiny"
+    return sorted(str(p) for p in Path(str(root)).glob("client*.jsonl"))
+
+
+def validate(cfg: Config, num_layers: int | None = None) -> None:
+    """Check ranges and cross-field rules; with ``num_layers`` also the split points."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    t, s = cfg.topology, cfg.split
+    need(t.clients >= 1, f"topology.clients: must be >= 1, got {t.clients}")
+    need(t.servers >= 1, f"topology.servers: must be >= 1, got {t.servers}")
+    need(t.servers <= t.clients, f"topology.servers: must be <= topology.clients ({t.clients}), got {t.servers}")
+    need(cfg.train.steps >= 1, f"train.steps: must be >= 1, got {cfg.train.steps}")
+    need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {cfg.train.micro_batch_size}")
+    need(cfg.train.seq_len >= 2, f"train.seq_len: must be >= 2, got {cfg.train.seq_len}")
+    need(cfg.train.lr > 0, f"train.lr: must be > 0, got {cfg.train.lr}")
+    need(cfg.peft.lora_r >= 0, f"peft.lora_r: must be >= 0 (0 = full fine-tuning), got {cfg.peft.lora_r}")
+    need(all(isinstance(m, str) and m for m in cfg.peft.target_modules) and cfg.peft.target_modules != [],
+         "peft.target_modules: must be a non-empty list of module names, e.g. [q_proj, v_proj]")
+    for k in ("noise_std", "grad_clip", "grad_noise_std"):
+        v = getattr(cfg.privacy, k)
+        need(v >= 0, f"privacy.{k}: must be >= 0, got {v}")
+    need(cfg.federated.avg_every >= 0, f"federated.avg_every: must be >= 0, got {cfg.federated.avg_every}")
+    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
+         f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not one of 0, 1, 2, 3")
+    need(cfg.comm.timeout_s > 0, f"comm.timeout_s: must be > 0, got {cfg.comm.timeout_s}")
+    need(cfg.comm.max_message_mb > 0, f"comm.max_message_mb: must be > 0, got {cfg.comm.max_message_mb}")
+    need(cfg.run.log_every >= 1, f"run.log_every: must be >= 1, got {cfg.run.log_every}")
+    m = cfg.model
+    for k in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_intermediate_size"):
+        need(getattr(m, k) >= 1, f"model.{k}: must be >= 1, got {getattr(m, k)}")
+    need(m.tiny_hidden_size % m.tiny_heads == 0, "model.tiny_hidden_size: must be divisible by model.tiny_heads")
+    need(m.tiny_heads % m.tiny_kv_heads == 0, "model.tiny_kv_heads: must divide model.tiny_heads")
+    if s.per_client:
+        need(len(s.per_client) == t.clients and all(
+            isinstance(pq, list) and len(pq) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pq)
+            for pq in s.per_client),
+            f"split.per_client: must hold one [p, q] integer pair per client ({t.clients}), got {s.per_client}")
+    if num_layers is not None:
+        for c in range(t.clients):
+            p, q = cfg.split_for(c)
+            where = f"split.per_client[{c}]" if s.per_client else "split.head_layers/tail_layers"
+            need(p >= 1 and q >= 1 and p + q < num_layers,
+                 f"{where}: need 1 <= p, 1 <= q, p + q < {num_layers} layers; got p={p}, q={q}")
+    if not cfg.data.train_files:
+        cfg.data.train_files = shipped_data_files()[: t.clients] if t.clients <= 3 else shipped_data_files()[:1]
+    for i, fpath in enumerate(cfg.data.train_files):
+        need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.train_files[{i}]: no such file {fpath!r}")
+    n = len(cfg.data.train_files)
+    need(n in (1, t.clients), f"data.train_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
+
+
+def reference_markdown() -> str:
+    """The config reference table for README (``fedsea config-reference``)."""
+    cfg = Config()
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for sec in dataclasses.fields(Config):
+        obj = getattr(cfg, sec.name)
+        for f in dataclasses.fields(obj):
+            default = getattr(obj, f.name)
+            rows.append(f"| `{sec.name}.{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,71 @@
+"""Launcher environment → torch.distributed environment.
+
+One entry point runs under torchrun, Open MPI, MPICH/Hydra (PMI) or Slurm's ``srun``. We read
+rank / world size / local rank from the first launcher whose variables are present, and we
+never rely on DeepSpeed's own MPI discovery (it picks a non-loopback address).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+# (rank, world size, local rank) variable names, in order of precedence.
+_LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Rank/world/local rank from the environment; a plain ``python`` run is rank 0 of 1."""
+    env = os.environ if environ is None else environ
+    for name, r, w, lr in _LAUNCHERS:
+        if r in env and w in env:
+            rank, world = int(env[r]), int(env[w])
+            # MPICH's Hydra only sets MPI_LOCALRANKID on some versions; PMI_LOCAL_RANK on others.
+            local = env.get(lr) or env.get("PMI_LOCAL_RANK") or "0"
+            return LaunchInfo(name, rank, world, int(local))
+    return LaunchInfo("none", 0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_torch_env(info: LaunchInfo) -> None:
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for ``init_process_group``.
+
+    MASTER_ADDR/PORT come from the environment when set (Slurm scripts export them). Otherwise
+    the job is single-node: loopback, and a free port chosen by rank 0 and agreed over MPI.
+    """
+    os.environ["RANK"] = str(info.rank)
+    os.environ["WORLD_SIZE"] = str(info.world_size)
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if "MASTER_PORT" not in os.environ:
+        if info.world_size == 1:
+            port = _free_port()
+        elif info.launcher in ("openmpi", "pmi"):
+            from mpi4py import MPI  # imported only under an MPI launcher: it initialises MPI
+
+            port = MPI.COMM_WORLD.bcast(_free_port() if info.rank == 0 else None, root=0)
+        else:
+            raise RuntimeError("MASTER_PORT is not set and no MPI launcher is present to agree on one; "
+                               "export MASTER_ADDR and MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(port)
