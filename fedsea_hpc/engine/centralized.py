@@ -1,0 +1,56 @@
+"""``train.mode=centralized``: the unsplit HF model in one process, the reference for every claim.
+
+Each step takes the micro-batch every client would take at that step (same data order), stacks
+them into one batch in client order, and minimises the token-mean loss of that union: exactly
+the objective the split modes optimise together.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from fedsea_hpc.config import Config
+from fedsea_hpc.data.dataset import ClientData, concat_batches
+from fedsea_hpc.engine.metrics import BYTE_KEYS, PHASES, MetricsLog
+from fedsea_hpc.engine.outputs import save_atomically
+from fedsea_hpc.model.lora import apply_lora, save_adapter, trainable
+from fedsea_hpc.model.partition import loss_sum
+from fedsea_hpc.transport.wire import lengths_to_mask
+
+
+def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dict:
+    model = source.build_model().to(dtype)
+    model.config._attn_implementation = cfg.model.attn_implementation
+    model = apply_lora(model, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha, dropout=cfg.peft.lora_dropout,
+                       target_modules=cfg.peft.target_modules, seed=cfg.run.seed)
+    model.train()
+    params = trainable(model)
+    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    datas = [ClientData(cfg.data.train_files, c, cfg.topology.clients, tokenizer, cfg.train.seq_len, cfg.run.seed)
+             for c in range(cfg.topology.clients)]
+    streams = [d.batches(cfg.train.micro_batch_size) for d in datas]
+    log = MetricsLog(cfg, enabled=True)
+    t_start = time.perf_counter()
+    for step in range(cfg.train.steps):
+        t0 = time.perf_counter()
+        batch = concat_batches([next(s) for s in streams], tokenizer.pad_token_id)
+        mask = lengths_to_mask(batch.lengths, batch.input_ids.shape[1], "right")
+        logits = model(input_ids=batch.input_ids, attention_mask=mask).logits
+        total = loss_sum(logits, batch.labels)
+        (total / max(batch.num_loss_tokens, 1)).backward()
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        times = dict.fromkeys(PHASES, 0.0)
+        times["client_compute_s"], times["optim_s"] = t1 - t0, t2 - t1
+        sums = torch.tensor([float(total.detach()), float(batch.num_loss_tokens), float(batch.input_ids.shape[0])]
+                            + [0.0] * len(BYTE_KEYS), dtype=torch.float64)
+        maxima = torch.tensor([t2 - t0] + [times[p] for p in PHASES], dtype=torch.float64)
+        log.step(step, sums, maxima)
+    wall = time.perf_counter() - t_start
+    save_atomically(os.path.join(cfg.run.output_dir, "adapters", "centralized"), lambda d: save_adapter(model, d))
+    return log.finish(wall, extra={"truncated_sequences": sum(d.truncated_sequences for d in datas),
+                                   "truncated_tokens": sum(d.truncated_tokens for d in datas)})

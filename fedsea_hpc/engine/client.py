@@ -1,0 +1,111 @@
+"""A client rank: Part A (embedding + first blocks) and Part C (last blocks, norm, head, loss).
+
+Token ids, embeddings and labels stay here. Per step the client sends the server the per-sample
+lengths and noised ``h_A`` [B, T, H], receives ``h_B`` [B, T, H], computes the loss, returns
+``dL/dh_B`` and finally receives ``dL/dh_A`` to finish its own backward pass.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedsea_hpc.config import Config
+from fedsea_hpc.data.dataset import ClientData
+from fedsea_hpc.distributed.topology import Topology
+from fedsea_hpc.federated.client_sync import ClientSync
+from fedsea_hpc.model.lora import apply_lora, trainable
+from fedsea_hpc.model.partition import build_part, client_layers, loss_sum
+from fedsea_hpc.privacy.noise import PrivateSender
+from fedsea_hpc.transport.p2p import ByteCounter, Channel
+
+
+def client_union_layers(cfg: Config, num_layers: int) -> list[int]:
+    """Blocks held by at least one client (sorted): what client FedAvg iterates over."""
+    held = set()
+    for c in range(cfg.topology.clients):
+        held.update(client_layers(num_layers, *cfg.split_for(c)))
+    return sorted(held)
+
+
+class ClientWorker:
+    def __init__(self, cfg: Config, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype):
+        self.cfg, self.topo = cfg, topo
+        self.index = topo.client_index
+        n_layers = source.config.num_hidden_layers
+        p, q = cfg.split_for(self.index)
+        self.head_ids = list(range(p))
+        self.tail_ids = list(range(n_layers - q, n_layers))
+        self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype)
+        self.model = apply_lora(self.part, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha,
+                                dropout=cfg.peft.lora_dropout, target_modules=cfg.peft.target_modules,
+                                seed=cfg.run.seed)
+        self.model.train()
+        self.params = trainable(self.model)
+        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
+                                     weight_decay=cfg.train.weight_decay)
+        channel = Channel(topo.server_of(self.index), counter=counter,
+                          max_bytes=int(cfg.comm.max_message_mb * 2**20), timeout_s=cfg.comm.timeout_s)
+        # A per-rank generator: noise is fresh every step and independent across clients.
+        gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 7919 * (self.index + 1))
+        self.link = PrivateSender(channel, noise_std=cfg.privacy.noise_std, grad_clip=cfg.privacy.grad_clip,
+                                  grad_noise_std=cfg.privacy.grad_noise_std, generator=gen)
+        self.data = ClientData(cfg.data.train_files, self.index, cfg.topology.clients, tokenizer,
+                               cfg.train.seq_len, cfg.run.seed)
+        self.batches = self.data.batches(cfg.train.micro_batch_size)
+        self.sync = ClientSync(self.params, client_union_layers(cfg, n_layers), topo.client_group)
+        self.samples_since_avg = 0
+
+    def next_batch(self):
+        batch = next(self.batches)
+        self.samples_since_avg += batch.input_ids.shape[0]
+        return batch
+
+    def run_step(self, batch, step: int, loss_norm: float, times: dict) -> float:
+        """Forward + backward of one micro-batch through A → server → C → server → A.
+
+        The loss is ``sum of token losses / loss_norm``; returns the (unnormalised) loss sum.
+        """
+        t0 = time.perf_counter()
+        h0 = self.part.embed(batch.input_ids)
+        ctx = self.part.masks(h0, batch.lengths)
+        h_a = self.part.run_layers(h0, self.head_ids, ctx)
+        self.link.send_lengths(batch.lengths, step)
+        self.link.send_activation(h_a, step)  # noised copy; h_a keeps its clean graph
+        t1 = time.perf_counter()
+        h_b = self.link.recv_activation(step).requires_grad_(True)
+        t2 = time.perf_counter()
+        out = self.part.run_layers(h_b, self.tail_ids, ctx)
+        total = loss_sum(self.part.head_logits(out), batch.labels)
+        (total / loss_norm).backward()
+        self.link.send_gradient(h_b.grad, step)
+        t3 = time.perf_counter()
+        g_a = self.link.recv_gradient(step)
+        t4 = time.perf_counter()
+        h_a.backward(g_a.to(h_a.dtype))
+        t5 = time.perf_counter()
+        times["client_compute_s"] += (t1 - t0) + (t3 - t2) + (t5 - t4)
+        times["wait_server_s"] += (t2 - t1) + (t4 - t3)
+        return float(total.detach())
+
+    def optimizer_step(self, *, fedsgd: bool, grad_scale: float, times: dict) -> None:
+        """Sum gradients over clients (FedSGD) or rescale them to a local mean, then step."""
+        t0 = time.perf_counter()
+        if fedsgd:
+            self.sync.sum_grads()
+        elif grad_scale != 1.0:
+            for _, p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(grad_scale)
+        t1 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        times["sync_s"] += t1 - t0
+        times["optim_s"] += time.perf_counter() - t1
+
+    def fedavg(self, times: dict) -> None:
+        """Sample-weighted average of the client-side trainable parameters."""
+        t0 = time.perf_counter()
+        self.sync.average_params(self.samples_since_avg)
+        self.samples_since_avg = 0
+        times["sync_s"] += time.perf_counter() - t0

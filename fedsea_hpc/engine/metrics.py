@@ -1,0 +1,85 @@
+"""Rank 0's view of a run: metrics.jsonl (one object per optimizer step), progress, summary."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from fedsea_hpc.config import Config
+from fedsea_hpc.engine.outputs import write_json
+from fedsea_hpc.transport.wire import Kind
+
+# Per-step phase times (seconds, max over ranks): what each role spent computing and waiting.
+# Byte counters reported per step: payload per message kind, then the fixed-size headers.
+BYTE_KEYS = tuple(k.name for k in Kind) + ("header",)
+PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients_s", "sync_s", "optim_s")
+
+
+class MetricsLog:
+    def __init__(self, cfg: Config, *, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.rows: list[dict] = []
+        if not enabled:
+            return
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        self.file = open(os.path.join(cfg.run.output_dir, "metrics.jsonl"), "w")
+        self.bar = tqdm(total=cfg.train.steps, desc=f"train[{cfg.train.mode}]", unit="step",
+                        disable=not cfg.run.progress, file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor) -> None:
+        """Record one step from the world-reduced vectors (sums: loss, tokens, samples, bytes…)."""
+        if not self.enabled:
+            return
+        loss_sum, tokens, samples = (float(v) for v in sums[:3])
+        by_kind = {k: int(v) for k, v in zip(BYTE_KEYS, sums[3:].tolist())}
+        row = {
+            "step": step + 1,
+            "loss": loss_sum / max(tokens, 1.0),
+            "tokens": int(tokens),
+            "samples": int(samples),
+            "step_time_s": float(maxima[0]),
+            "bytes_sent": sum(by_kind.values()),
+            "bytes_sent_by_kind": by_kind,
+            "phase_s": {p: round(float(v), 6) for p, v in zip(PHASES, maxima[1:].tolist())},
+        }
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", s_per_step=f"{row['step_time_s']:.3f}")
+        if not self.cfg.run.progress and (step + 1) % self.cfg.run.log_every == 0:
+            print(f"step {step + 1}/{self.cfg.train.steps} loss {row['loss']:.4f} "
+                  f"step_time {row['step_time_s']:.3f}s bytes {row['bytes_sent']}", flush=True)
+
+    def finish(self, wall_s: float, extra: dict | None = None) -> dict | None:
+        if not self.enabled:
+            return None
+        self.bar.close()
+        self.file.close()
+        rows = self.rows
+        # The first steps include one-off warm-up (allocator, thread pools): report both.
+        steady = rows[min(2, len(rows) - 1):]
+        summary = {
+            "mode": self.cfg.train.mode,
+            "steps": len(rows),
+            "first_loss": rows[0]["loss"],
+            "final_loss": rows[-1]["loss"],
+            "losses": [r["loss"] for r in rows],
+            "tokens_total": sum(r["tokens"] for r in rows),
+            "samples_total": sum(r["samples"] for r in rows),
+            "wall_time_s": wall_s,
+            "mean_step_time_s": sum(r["step_time_s"] for r in steady) / len(steady),
+            "bytes_sent_total": sum(r["bytes_sent"] for r in rows),
+            "bytes_sent_by_kind": {k: sum(r["bytes_sent_by_kind"][k] for r in rows)
+                                   for k in rows[0]["bytes_sent_by_kind"]},
+            **(extra or {}),
+        }
+        write_json(os.path.join(self.cfg.run.output_dir, "summary.json"), summary)
+        print(f"done: {summary['steps']} steps in {wall_s:.1f}s, loss {summary['first_loss']:.4f} -> "
+              f"{summary['final_loss']:.4f}, {summary['mean_step_time_s'] * 1000:.1f} ms/step, "
+              f"{summary['bytes_sent_total'] / 2**20:.2f} MiB sent; outputs in {self.cfg.run.output_dir}",
+              flush=True)
+        return summary

@@ -1,0 +1,117 @@
+"""A server rank: Part B (the middle blocks) under DeepSpeed, serving a fixed set of clients.
+
+All server ranks form one DeepSpeed data-parallel group (ZeRO 0-3). Per round a server rank
+receives ``h_A`` from each client it serves this round, stacks them into one client-batch
+[ΣB, T_max, H], runs one forward, returns each client its slice, then runs one backward from
+the clients' ``dL/dh_B``. ZeRO needs every server rank to make the same calls each round, so a
+rank with no client this round (sequential mode) runs a single dummy row whose output gradient
+is zero: it touches every layer and joins every collective, and adds nothing to the gradient.
+"""
+from __future__ import annotations
+
+import time
+
+import deepspeed
+import torch
+
+from fedsea_hpc.config import Config
+from fedsea_hpc.distributed.deepspeed_glue import confine_to_group
+from fedsea_hpc.distributed.topology import ServerMPU, Topology
+from fedsea_hpc.model.lora import apply_lora, trainable
+from fedsea_hpc.model.partition import build_part, server_layers
+from fedsea_hpc.transport.p2p import ByteCounter, Channel
+
+
+def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
+    conf = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        # DeepSpeed 0.19.8 clips at 1.0 unless told otherwise; clipping only the server's share
+        # of the gradient would silently change the optimisation problem.
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    conf.update(cfg.deepspeed.extra)
+    return conf
+
+
+class ServerWorker:
+    def __init__(self, cfg: Config, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype):
+        self.cfg, self.topo, self.dtype = cfg, topo, dtype
+        n_layers = source.config.num_hidden_layers
+        splits = [cfg.split_for(c) for c in range(cfg.topology.clients)]
+        self.layer_ids = server_layers(n_layers, splits)
+        # Blocks client c actually uses on the server: [p_c, L - q_c).
+        self.spans = {c: (p, n_layers - q) for c, (p, q) in enumerate(splits)}
+        self.uniform = len(set(self.spans.values())) == 1
+        part = build_part(source, self.layer_ids, embed=False, head=False, dtype=dtype)
+        model = apply_lora(part, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha, dropout=cfg.peft.lora_dropout,
+                           target_modules=cfg.peft.target_modules, seed=cfg.run.seed)
+        self.params = trainable(model)
+        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
+                                      weight_decay=cfg.train.weight_decay)
+        confine_to_group(topo.server_group, topo.server_ranks)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=ServerMPU(topo),
+                                               config=deepspeed_config(cfg, dtype))
+        self.model = model
+        self.hidden = source.config.hidden_size
+        max_bytes = int(cfg.comm.max_message_mb * 2**20)
+        self.links = {c: Channel(c, counter=counter, max_bytes=max_bytes, timeout_s=cfg.comm.timeout_s)
+                      for c in topo.clients_of(topo.rank)}
+
+    def _active_rows(self, owners: list[int]) -> dict[int, torch.Tensor] | None:
+        """Per layer, which rows (by owning client) must go through it; None when all do."""
+        if self.uniform or not owners:
+            return None
+        return {i: torch.tensor([self.spans[c][0] <= i < self.spans[c][1] for c in owners]) for i in self.layer_ids}
+
+    def serve(self, clients: list[int], step: int, times: dict) -> None:
+        """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
+        t0 = time.perf_counter()
+        recv = [(c, self.links[c].recv_lengths(step), self.links[c].recv_activation(step)) for c in clients]
+        t1 = time.perf_counter()
+        if recv:
+            t_max = max(h.shape[1] for _, _, h in recv)
+            x = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t_max - h.shape[1])) for _, _, h in recv])
+            lengths = torch.cat([n for _, n, _ in recv])
+            owners = [c for c, n, _ in recv for _ in range(len(n))]
+        else:
+            x = torch.zeros(1, 1, self.hidden, dtype=self.dtype)
+            lengths, owners = torch.ones(1, dtype=torch.long), []
+        x = x.to(self.dtype).requires_grad_(True)
+        active = self._active_rows(owners)
+        out = self.engine(x, lengths, active)
+        grad = torch.zeros_like(out)
+        row = 0
+        for c, n, h in recv:
+            b, t = h.shape[:2]
+            self.links[c].send_activation(out[row:row + b, :t].detach(), step)
+            row += b
+        t2 = time.perf_counter()
+        row = 0
+        for c, n, h in recv:
+            b, t = h.shape[:2]
+            grad[row:row + b, :t] = self.links[c].recv_gradient(step).to(grad.dtype)
+            row += b
+        t3 = time.perf_counter()
+        # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
+        # is already a global sum, so scale by the group size to keep the sum.
+        self.engine.backward((out * grad).sum() * self.topo.servers)
+        row = 0
+        for c, n, h in recv:
+            b, t = h.shape[:2]
+            self.links[c].send_gradient(x.grad[row:row + b, :t], step)
+            row += b
+        t4 = time.perf_counter()
+        times["server_compute_s"] += (t2 - t1) + (t4 - t3)
+        times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
+
+    def optimizer_step(self, times: dict) -> None:
+        t0 = time.perf_counter()
+        self.engine.step()
+        times["optim_s"] += time.perf_counter() - t0

@@ -1,0 +1,112 @@
+"""The training loop of the split modes (``parallel``, ``sequential``): one role per rank.
+
+Per step every rank adds its numbers to two small world all-reduces (sums and maxima), so rank
+0 can log job-wide loss, tokens, bytes and phase times, and so a dead rank is noticed by all
+within ``comm.timeout_s``.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from fedsea_hpc.config import Config
+from fedsea_hpc.distributed.topology import Role, Topology
+from fedsea_hpc.engine.client import ClientWorker
+from fedsea_hpc.engine.metrics import BYTE_KEYS, PHASES, MetricsLog
+from fedsea_hpc.engine.outputs import save_atomically
+from fedsea_hpc.model.lora import save_adapter
+from fedsea_hpc.transport.p2p import ByteCounter
+
+
+def _fault_injection(cfg: Config, rank: int, step: int) -> None:
+    if cfg.debug.fail_rank == rank and cfg.debug.fail_step == step:
+        print(f"[rank {rank}] debug.fail_rank: exiting abruptly at step {step}", flush=True)
+        os._exit(3)
+
+
+def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dtype) -> dict | None:
+    """Run ``cfg.train.steps`` steps on this rank; rank 0 returns the summary."""
+    counter = ByteCounter()
+    if topo.role is Role.CLIENT:
+        worker = ClientWorker(cfg, topo, source, tokenizer, counter, dtype)
+    else:
+        from fedsea_hpc.engine.server import ServerWorker  # DeepSpeed is imported on servers only
+
+        worker = ServerWorker(cfg, topo, source, counter, dtype)
+    log = MetricsLog(cfg, enabled=topo.rank == 0)
+    parallel = cfg.train.mode == "parallel"
+    avg_every = cfg.federated.avg_every
+    fedsgd = parallel and avg_every == 1
+    dist.barrier()  # everyone built its part: start the clock together
+    t_start = time.perf_counter()
+    for step in range(cfg.train.steps):
+        _fault_injection(cfg, topo.rank, step)
+        times = dict.fromkeys(PHASES, 0.0)
+        sent_before = counter.totals()["sent"]
+        t0 = time.perf_counter()
+        loss_sum = n_tok = samples = 0.0
+        if topo.role is Role.CLIENT:
+            batch = worker.next_batch()
+            n_local = batch.num_loss_tokens
+            samples = batch.input_ids.shape[0]
+            if parallel:
+                tok = torch.tensor([float(n_local)])
+                dist.all_reduce(tok, group=topo.client_group)
+                norm = max(tok.item(), 1.0)
+            else:  # sequential: wait for our turn, then a purely local step
+                worker.link.recv_control(step)
+                norm = max(float(n_local), 1.0)
+            loss_sum = worker.run_step(batch, step, norm, times)
+            n_tok = float(n_local)
+            worker.optimizer_step(fedsgd=fedsgd, grad_scale=norm / max(n_local, 1) if parallel else 1.0,
+                                  times=times)
+            if not fedsgd and avg_every > 0 and (step + 1) % avg_every == 0:
+                worker.fedavg(times)
+        elif parallel:
+            worker.serve(topo.clients_of(topo.rank), step, times)
+            worker.optimizer_step(times)
+        else:
+            for c in range(topo.clients):  # one client at a time; idle servers run a dummy row
+                mine = topo.server_of(c) == topo.rank
+                if mine:
+                    worker.links[c].send_control(torch.ones(1, dtype=torch.long), step)
+                worker.serve([c] if mine else [], step, times)
+                worker.optimizer_step(times)
+        step_time = time.perf_counter() - t0
+        sent_after = counter.totals()["sent"]
+        sums = torch.tensor([loss_sum, n_tok, samples] + [sent_after[k] - sent_before[k] for k in BYTE_KEYS],
+                            dtype=torch.float64)
+        maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64)
+        dist.all_reduce(sums)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        log.step(step, sums, maxima)
+    wall = time.perf_counter() - t_start
+    _save_outputs(cfg, topo, worker)
+    dist.barrier()
+    return log.finish(wall, extra=_data_stats(cfg, topo, worker))
+
+
+def _data_stats(cfg: Config, topo: Topology, worker) -> dict:
+    """Truncation counts summed over clients (every rank joins the reduce)."""
+    t = torch.zeros(2, dtype=torch.float64)
+    if topo.role is Role.CLIENT:
+        t[0], t[1] = worker.data.truncated_sequences, worker.data.truncated_tokens
+    dist.all_reduce(t)
+    return {"truncated_sequences": int(t[0]), "truncated_tokens": int(t[1])}
+
+
+def _save_outputs(cfg: Config, topo: Topology, worker) -> None:
+    root = os.path.join(cfg.run.output_dir, "adapters")
+    if topo.role is Role.CLIENT:
+        save_atomically(os.path.join(root, f"client{topo.client_index}"), lambda d: save_adapter(worker.model, d))
+        return
+    import deepspeed
+
+    # Under ZeRO-3 parameters are partitioned: gather them on every server rank, save on one.
+    with deepspeed.zero.GatheredParameters([p for _, p in worker.params], modifier_rank=None,
+                                           enabled=cfg.deepspeed.zero_stage == 3):
+        if topo.rank == topo.server_ranks[0]:
+            save_atomically(os.path.join(root, "server"), lambda d: save_adapter(worker.model, d))

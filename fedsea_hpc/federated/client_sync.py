@@ -1,0 +1,87 @@
+"""FedAvg / FedSGD of client-side parameters over the client group, partition-aware.
+
+Clients may own different blocks (per-client partition points): block 2 can live on client 0
+but on the server for client 1. Each tensor is therefore averaged over the clients that *hold*
+it. All clients build the same slot list from the config alone (the union of client-held blocks
+× the per-block parameter suffixes, then the non-block parameters), contribute zeros with zero
+weight where they hold nothing, and one flat ``all_reduce`` does the rest.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from fedsea_hpc.federated.aggregate import allreduce_sum_
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class ClientSync:
+    """Precomputed slot layout for one client.
+
+    Parameters
+    ----------
+    named : list of (str, Tensor)
+        This client's trainable tensors with canonical HF names.
+    union_layers : list of int
+        Blocks held by at least one client (the same list on every client).
+    group : ProcessGroup or None
+        The client group.
+    """
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], union_layers: list[int], group=None):
+        self.group = group
+        own = dict(named)
+        by_suffix: dict[str, torch.Tensor] = {}
+        others: list[str] = []
+        for name, t in named:
+            m = _LAYER.match(name)
+            if m:
+                by_suffix.setdefault(m.group(2), t)
+            else:
+                others.append(name)
+        self.union_layers = list(union_layers)
+        # slot = (name, shape, layer position in union or -1 for tensors every client holds)
+        self.slots: list[tuple[str, torch.Size, int]] = []
+        for li, layer in enumerate(self.union_layers):
+            for suffix in sorted(by_suffix):
+                self.slots.append((f"model.layers.{layer}.{suffix}", by_suffix[suffix].shape, li))
+        self.slots += [(n, own[n].shape, -1) for n in sorted(others)]
+        self.own = own
+        self.held_layers = [li for li, layer in enumerate(self.union_layers)
+                            if any(_LAYER.match(n) and int(_LAYER.match(n).group(1)) == layer for n in own)]
+
+    def _reduce(self, tensors: dict[str, torch.Tensor], weight: float, average: bool) -> None:
+        ref = next(iter(tensors.values()))
+        chunks = [(tensors[n] * weight).reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=ref.dtype)
+                  for n, s, _ in self.slots]
+        flat = torch.cat(chunks)
+        w = torch.zeros(len(self.union_layers) + 1, dtype=ref.dtype)
+        w[self.held_layers] = weight
+        w[-1] = weight
+        allreduce_sum_([flat, w], group=self.group)
+        offset = 0
+        for name, shape, li in self.slots:
+            n = shape.numel()
+            if name in tensors:
+                seg = flat[offset:offset + n].view(shape)
+                if average:
+                    seg = seg / w[li].item()
+                tensors[name].copy_(seg)
+            offset += n
+
+    @torch.no_grad()
+    def average_params(self, weight: float) -> None:
+        """In-place FedAvg of parameters, each weighted by its holder's ``weight`` (samples)."""
+        self._reduce({n: p.data for n, p in self.own.items()}, float(weight), average=True)
+
+    @torch.no_grad()
+    def sum_grads(self) -> None:
+        """In-place sum of gradients over holders (FedSGD: equals the centralized gradient)."""
+        grads = {}
+        for n, p in self.own.items():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads[n] = p.grad
+        self._reduce(grads, 1.0, average=False)

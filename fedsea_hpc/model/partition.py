@@ -1,0 +1,160 @@
+"""Cut a Hugging Face Llama into Part A / B / C and build only the part a rank owns.
+
+A :class:`PartModel` is a slice of ``LlamaForCausalLM`` that keeps Hugging Face's parameter
+names (``model.layers.7.self_attn.q_proj.weight``), so a rank loads exactly its own keys from a
+checkpoint and its LoRA adapters load onto the full model later. Layers are transformers' own
+``LlamaDecoderLayer`` / ``LlamaRMSNorm`` / ``LlamaRotaryEmbedding``; masks come from
+transformers' ``create_causal_mask`` fed with a 2D mask rebuilt from per-sample lengths.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from fedsea_hpc.transport.wire import lengths_to_mask
+
+IGNORE_INDEX = -100
+
+
+def client_layers(num_layers: int, p: int, q: int) -> list[int]:
+    """Block indices a client owns: Part A ``[0, p)`` and Part C ``[L-q, L)``."""
+    return list(range(p)) + list(range(num_layers - q, num_layers))
+
+
+def server_layers(num_layers: int, splits: Iterable[tuple[int, int]]) -> list[int]:
+    """Blocks the server group owns: the union of ``[p_i, L-q_i)`` over all clients.
+
+    Every server rank holds the same span (DeepSpeed data parallelism needs identical replicas).
+    """
+    splits = list(splits)
+    lo = min(p for p, _ in splits)
+    hi = max(num_layers - q for _, q in splits)
+    return list(range(lo, hi))
+
+
+def part_keys(config: LlamaConfig, layers: Iterable[int], *, embed: bool, head: bool,
+              all_keys: Iterable[str]) -> list[str]:
+    """Checkpoint keys a part needs, out of ``all_keys`` (the checkpoint's tensor names)."""
+    prefixes = tuple(f"model.layers.{i}." for i in layers)
+    want = [k for k in all_keys if k.startswith(prefixes)]
+    if embed:
+        want.append("model.embed_tokens.weight")
+    if head:
+        want.append("model.norm.weight")
+        if not (embed and config.tie_word_embeddings):
+            want.append("lm_head.weight")
+    return want
+
+
+class PartModel(nn.Module):
+    """Embedding (optional) + a set of decoder blocks + norm/head (optional).
+
+    Parameters
+    ----------
+    config : LlamaConfig
+        Config of the *whole* model (``num_hidden_layers`` = L).
+    layers : list of int
+        Global indices of the blocks this part owns.
+    embed, head : bool
+        Whether this part owns ``embed_tokens`` / ``norm`` + ``lm_head``.
+    """
+
+    def __init__(self, config: LlamaConfig, layers: list[int], *, embed: bool, head: bool):
+        super().__init__()
+        self.config = config
+        self.layer_ids = sorted(layers)
+        self.model = nn.Module()
+        with torch.device("meta"):  # weights are assigned from the checkpoint slice
+            if embed:
+                self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+            self.model.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(config, layer_idx=i) for i in self.layer_ids})
+            if head:
+                self.model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model.rotary_emb = LlamaRotaryEmbedding(config)  # buffers only, computed on CPU
+        self.has_embed, self.has_head = embed, head
+
+    def load_slice(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Assign this part's weights (exactly its own keys) and tie the head if configured."""
+        tensors = dict(tensors)
+        tied = self.has_embed and self.has_head and self.config.tie_word_embeddings
+        if tied:
+            tensors.pop("lm_head.weight", None)
+        own = {k for k in self.state_dict() if not k.startswith("model.rotary_emb.")}
+        if tied:
+            own.discard("lm_head.weight")
+        missing, unexpected = own - tensors.keys(), tensors.keys() - own
+        if missing or unexpected:
+            raise ValueError(f"checkpoint slice mismatch: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+        self.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.rotary_emb.to(torch.float32)
+
+    # ------------------------------------------------------------------ compute
+
+    def masks(self, hidden: torch.Tensor, lengths: torch.Tensor, padding_side: str = "right"):
+        """Rebuild what attention needs from per-sample lengths.
+
+        Returns ``(mask, position_ids, position_embeddings)`` for ``hidden`` of shape [B, T, H];
+        ``mask`` is whatever transformers' ``create_causal_mask`` makes for the configured kernel.
+        """
+        b, t = hidden.shape[:2]
+        mask2d = lengths_to_mask(lengths, t, padding_side).to(hidden.device)
+        position_ids = torch.arange(t, device=hidden.device).unsqueeze(0).expand(b, -1)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d,
+                                  cache=None, position_ids=position_ids)
+        return mask, position_ids, self.model.rotary_emb(hidden, position_ids=position_ids)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids → [B, T, H] embeddings."""
+        return self.model.embed_tokens(input_ids)
+
+    def run_layers(self, hidden: torch.Tensor, layer_ids: Iterable[int], ctx,
+                   active: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run blocks ``layer_ids`` in order on [B, T, H] hidden states.
+
+        ``active`` optionally maps a layer to a bool [B] row mask: rows outside it pass through
+        unchanged (clients with other partition points share one server batch). The layer still
+        runs on every row, so every server rank touches every layer in lockstep (ZeRO-3).
+        """
+        mask, position_ids, pos_emb = ctx
+        for i in layer_ids:
+            out = self.model.layers[str(i)](hidden, attention_mask=mask, position_ids=position_ids,
+                                            position_embeddings=pos_emb)
+            rows = None if active is None else active.get(i)
+            hidden = out if rows is None else torch.where(rows[:, None, None], out, hidden)
+        return hidden
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] → [B, T, V] logits (norm + lm_head)."""
+        return self.lm_head(self.model.norm(hidden))
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor,
+                active: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Server entry point (what DeepSpeed's engine calls): all owned blocks on [B, T, H]."""
+        return self.run_layers(hidden, self.layer_ids, self.masks(hidden, lengths), active)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of [B, T, V] logits vs [B, T] labels (fp32)."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def build_part(source, layers: list[int], *, embed: bool, head: bool, dtype: torch.dtype) -> PartModel:
+    """Materialise one part from a :class:`~fedsea_hpc.model.loading.ModelSource`.
+
+    Only this part's tensors are read from the checkpoint.
+    """
+    part = PartModel(source.config, layers, embed=embed, head=head)
+    keys = part_keys(source.config, layers, embed=embed, head=head, all_keys=source.keys())
+    part.load_slice(source.load_tensors(keys), dtype)
+    return part
