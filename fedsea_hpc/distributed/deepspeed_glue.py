@@ -7,7 +7,9 @@ broadcast from global rank 0) in the ZeRO-3 parameter coordinator, and the check
 
 The fix lives here and only here: on server ranks, ``deepspeed.comm``'s collectives that are
 called without a group are redirected to the server group, and a ``src``/``dst`` of global rank
-0 (which is a client) is mapped to the first server rank. Calls that name a group are untouched.
+0 (which is a client) is mapped to the first server rank; ``get_rank()``/``get_world_size()``
+without a group answer for the server group, so DeepSpeed's "am I rank 0" tests pick the first
+server rank. Calls that name a group are untouched.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ DEEPSPEED_VERSION = "0.19.8"  # the behaviour above was checked on this release;
 
 _COLLECTIVES = ("barrier", "broadcast", "all_reduce", "all_gather", "all_gather_into_tensor",
                 "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all_single",
-                "broadcast_object_list", "all_gather_object", "monitored_barrier")
+                "broadcast_object_list", "all_gather_object", "monitored_barrier",
+                # "rank 0" checks (e.g. ZeRO-3's list agreement test) must see server-group ranks
+                "get_rank", "get_world_size")
 _ROOT_ARGS = ("src", "dst")
 
 
@@ -38,13 +42,23 @@ def confine_to_group(group, ranks: list[int]) -> None:
         return
     for name in _COLLECTIVES:
         fn = getattr(ds_comm, name, None)
-        if fn is not None:
+        if fn is not None and hasattr(fn, "__code__"):
             setattr(ds_comm, name, _scoped(fn, group, ranks[0]))
     ds_comm._fedsea_confined = (group, tuple(ranks))
 
 
+def _signature(fn) -> inspect.Signature:
+    """Signature of a ``deepspeed.comm`` op. Its ``timed_op`` wrapper hides it behind
+    ``(*args, **kwargs)`` without ``functools.wraps``; the original is in the closure."""
+    free = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+    return inspect.signature(free.get("func", fn))
+
+
 def _scoped(fn, group, root: int):
-    sig = inspect.signature(fn)
+    sig = _signature(fn)
+    if "group" not in sig.parameters:
+        raise RuntimeError(f"deepspeed.comm.{fn.__name__} has no 'group' parameter; "
+                           f"fedsea-hpc supports deepspeed=={DEEPSPEED_VERSION}")
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
