@@ -1,4 +1,4 @@
-"""``fedsea`` command line: ``train`` (default), ``fetch-model``, ``config-reference``.
+"""``fedsea`` command line: ``train`` (default), ``fetch-model``, ``config-reference``, ``ranks``.
 
 Everything that can be wrong with the input (config, topology vs world size, model, split
 points) is checked on every rank *before* torch.distributed starts, so each rank exits with code
@@ -27,18 +27,30 @@ def _parser() -> argparse.ArgumentParser:
     fm.add_argument("name", choices=["smollm2"])
     fm.add_argument("--dest", default="models/smollm2-135m-instruct")
     sub.add_parser("config-reference", help="print the config reference (markdown)")
+    rk = sub.add_parser("ranks", help="print how many ranks a config needs (for launch scripts)")
+    rk.add_argument("--config")
+    rk.add_argument("overrides", nargs="*")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "fetch-model", "config-reference", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "fetch-model", "config-reference", "ranks", "-h", "--help"):
         argv = ["train", *argv]
     args = _parser().parse_args(argv)
     if args.cmd == "config-reference":
         from fedsea_hpc.config import reference_markdown
 
         print(reference_markdown())
+        return 0
+    if args.cmd == "ranks":
+        from fedsea_hpc.config import load_config
+
+        try:
+            print(load_config(args.config, args.overrides).world_size())
+        except ValueError as e:
+            print(f"fedsea: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         return 0
     if args.cmd == "fetch-model":
         from fedsea_hpc.model.loading import fetch_smollm2

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
 _CANON = re.compile(r"(model\.layers\.\d+\..*)\.lora_A\.")
@@ -64,13 +66,18 @@ def canonical_name(name: str) -> str:
 
 
 def save_adapter(model: nn.Module, out_dir: str) -> None:
-    """peft's own format (adapter_config.json + adapter_model.safetensors), or the full part."""
+    """peft's own format (adapter_config.json + adapter_model.safetensors), or, for full
+    fine-tuning, the part's own weights as ``model.safetensors`` with HF names."""
     if isinstance(model, PeftModel):
         model.save_pretrained(out_dir)
-    else:
-        from safetensors.torch import save_model
-
-        import os
-
-        os.makedirs(out_dir, exist_ok=True)
-        save_model(model, os.path.join(out_dir, "model.safetensors"))
+        return
+    # Clone: under ZeRO the parameters are views into flat buffers, which safetensors refuses;
+    # a tied head is stored once, as the embedding.
+    seen, state = set(), {}
+    for name, t in model.state_dict().items():
+        if name.startswith("model.rotary_emb.") or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        state[name] = t.detach().clone().contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,23 @@
+# Sourced by launch/local.sh and launch/test.sh: create/refresh the project venv and activate it.
+#   FEDSEA_VENV        venv directory (default: .venv in the repo)
+#   FEDSEA_CONSTRAINTS pip constraints file (default: launch/constraints-cpu.txt, the CPU torch
+#                      pin); set it empty on a GPU cluster to keep your own CUDA torch.
+#   FEDSEA_EXTRAS      extras to install (default: mpich,test; drop mpich where the cluster has MPI)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FEDSEA_VENV:-$repo/.venv}"
+constraints="${FEDSEA_CONSTRAINTS-$repo/launch/constraints-cpu.txt}"
+extras="${FEDSEA_EXTRAS-mpich,test}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[fedsea] creating venv $venv" >&2
+  python3 -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+stamp="$venv/.fedsea-installed"
+if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || { [ -n "$constraints" ] && [ "$constraints" -nt "$stamp" ]; }; then
+  echo "[fedsea] installing fedsea-hpc[$extras] into $venv" >&2
+  python -m pip install -q --upgrade pip
+  python -m pip install -q ${constraints:+-c "$constraints"} -e "$repo${extras:+[$extras]}"
+  touch "$stamp"
+fi
