@@ -145,9 +145,14 @@ def _run(cfg, topo, source, tokenizer, dtype, launch) -> int:
     backend = cfg.comm.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
     topo.create_groups()
-    train_split(cfg, topo, source, tokenizer, dtype)
+    train_split(cfg, topo, source, tokenizer, dtype, device)
     dist.destroy_process_group()
     return 0
 

@@ -21,7 +21,8 @@ from fedsea_hpc.transport.wire import lengths_to_mask
 
 
 def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dict:
-    model = source.build_model().to(dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.comm.backend != "gloo" else "cpu")
+    model = source.build_model().to(device=device, dtype=dtype)
     model.config._attn_implementation = cfg.model.attn_implementation
     model = apply_lora(model, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha, dropout=cfg.peft.lora_dropout,
                        target_modules=cfg.peft.target_modules, seed=cfg.run.seed)
@@ -35,7 +36,7 @@ def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dic
     t_start = time.perf_counter()
     for step in range(cfg.train.steps):
         t0 = time.perf_counter()
-        batch = concat_batches([next(s) for s in streams], tokenizer.pad_token_id)
+        batch = concat_batches([next(s) for s in streams], tokenizer.pad_token_id).to(device)
         mask = lengths_to_mask(batch.lengths, batch.input_ids.shape[1], "right")
         logits = model(input_ids=batch.input_ids, attention_mask=mask).logits
         total = loss_sum(logits, batch.labels)

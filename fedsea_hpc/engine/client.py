@@ -29,14 +29,15 @@ def client_union_layers(cfg: Config, num_layers: int) -> list[int]:
 
 
 class ClientWorker:
-    def __init__(self, cfg: Config, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype):
-        self.cfg, self.topo = cfg, topo
+    def __init__(self, cfg: Config, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype,
+                 device: torch.device):
+        self.cfg, self.topo, self.device = cfg, topo, device
         self.index = topo.client_index
         n_layers = source.config.num_hidden_layers
         p, q = cfg.split_for(self.index)
         self.head_ids = list(range(p))
         self.tail_ids = list(range(n_layers - q, n_layers))
-        self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype)
+        self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).to(device)
         self.model = apply_lora(self.part, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha,
                                 dropout=cfg.peft.lora_dropout, target_modules=cfg.peft.target_modules,
                                 seed=cfg.run.seed)
@@ -45,7 +46,8 @@ class ClientWorker:
         self.opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay)
         channel = Channel(topo.server_of(self.index), counter=counter,
-                          max_bytes=int(cfg.comm.max_message_mb * 2**20), timeout_s=cfg.comm.timeout_s)
+                          max_bytes=int(cfg.comm.max_message_mb * 2**20), timeout_s=cfg.comm.timeout_s,
+                          device=device)
         # A per-rank generator: noise is fresh every step and independent across clients.
         gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 7919 * (self.index + 1))
         self.link = PrivateSender(channel, noise_std=cfg.privacy.noise_std, grad_clip=cfg.privacy.grad_clip,
@@ -57,7 +59,7 @@ class ClientWorker:
         self.samples_since_avg = 0
 
     def next_batch(self):
-        batch = next(self.batches)
+        batch = next(self.batches).to(self.device)
         self.samples_since_avg += batch.input_ids.shape[0]
         return batch
 

@@ -41,15 +41,16 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
 
 
 class ServerWorker:
-    def __init__(self, cfg: Config, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype):
-        self.cfg, self.topo, self.dtype = cfg, topo, dtype
+    def __init__(self, cfg: Config, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype,
+                 device: torch.device):
+        self.cfg, self.topo, self.dtype, self.device = cfg, topo, dtype, device
         n_layers = source.config.num_hidden_layers
         splits = [cfg.split_for(c) for c in range(cfg.topology.clients)]
         self.layer_ids = server_layers(n_layers, splits)
         # Blocks client c actually uses on the server: [p_c, L - q_c).
         self.spans = {c: (p, n_layers - q) for c, (p, q) in enumerate(splits)}
         self.uniform = len(set(self.spans.values())) == 1
-        part = build_part(source, self.layer_ids, embed=False, head=False, dtype=dtype)
+        part = build_part(source, self.layer_ids, embed=False, head=False, dtype=dtype).to(device)
         model = apply_lora(part, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha, dropout=cfg.peft.lora_dropout,
                            target_modules=cfg.peft.target_modules, seed=cfg.run.seed)
         self.params = trainable(model)
@@ -61,14 +62,15 @@ class ServerWorker:
         self.model = model
         self.hidden = source.config.hidden_size
         max_bytes = int(cfg.comm.max_message_mb * 2**20)
-        self.links = {c: Channel(c, counter=counter, max_bytes=max_bytes, timeout_s=cfg.comm.timeout_s)
+        self.links = {c: Channel(c, counter=counter, max_bytes=max_bytes, timeout_s=cfg.comm.timeout_s, device=device)
                       for c in topo.clients_of(topo.rank)}
 
     def _active_rows(self, owners: list[int]) -> dict[int, torch.Tensor] | None:
         """Per layer, which rows (by owning client) must go through it; None when all do."""
         if self.uniform or not owners:
             return None
-        return {i: torch.tensor([self.spans[c][0] <= i < self.spans[c][1] for c in owners]) for i in self.layer_ids}
+        return {i: torch.tensor([self.spans[c][0] <= i < self.spans[c][1] for c in owners], device=self.device)
+                for i in self.layer_ids}
 
     def serve(self, clients: list[int], step: int, times: dict) -> None:
         """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
@@ -81,8 +83,8 @@ class ServerWorker:
             lengths = torch.cat([n for _, n, _ in recv])
             owners = [c for c, n, _ in recv for _ in range(len(n))]
         else:
-            x = torch.zeros(1, 1, self.hidden, dtype=self.dtype)
-            lengths, owners = torch.ones(1, dtype=torch.long), []
+            x = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
+            lengths, owners = torch.ones(1, dtype=torch.long, device=self.device), []
         x = x.to(self.dtype).requires_grad_(True)
         active = self._active_rows(owners)
         out = self.engine(x, lengths, active)

@@ -27,15 +27,19 @@ def _fault_injection(cfg: Config, rank: int, step: int) -> None:
         os._exit(3)
 
 
-def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dtype) -> dict | None:
-    """Run ``cfg.train.steps`` steps on this rank; rank 0 returns the summary."""
+def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dtype,
+                device: torch.device) -> dict | None:
+    """Run ``cfg.train.steps`` steps on this rank; rank 0 returns the summary.
+
+    ``device`` is where this rank computes and what its collectives carry (CPU for gloo, the
+    local GPU for NCCL, which only moves CUDA tensors)."""
     counter = ByteCounter()
     if topo.role is Role.CLIENT:
-        worker = ClientWorker(cfg, topo, source, tokenizer, counter, dtype)
+        worker = ClientWorker(cfg, topo, source, tokenizer, counter, dtype, device)
     else:
         from fedsea_hpc.engine.server import ServerWorker  # DeepSpeed is imported on servers only
 
-        worker = ServerWorker(cfg, topo, source, counter, dtype)
+        worker = ServerWorker(cfg, topo, source, counter, dtype, device)
     log = MetricsLog(cfg, enabled=topo.rank == 0)
     parallel = cfg.train.mode == "parallel"
     avg_every = cfg.federated.avg_every
@@ -53,7 +57,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             n_local = batch.num_loss_tokens
             samples = batch.input_ids.shape[0]
             if parallel:
-                tok = torch.tensor([float(n_local)])
+                tok = torch.tensor([float(n_local)], device=device)
                 dist.all_reduce(tok, group=topo.client_group)
                 norm = max(tok.item(), 1.0)
             else:  # sequential: wait for our turn, then a purely local step
@@ -72,26 +76,26 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             for c in range(topo.clients):  # one client at a time; idle servers run a dummy row
                 mine = topo.server_of(c) == topo.rank
                 if mine:
-                    worker.links[c].send_control(torch.ones(1, dtype=torch.long), step)
+                    worker.links[c].send_control(torch.ones(1, dtype=torch.long, device=device), step)
                 worker.serve([c] if mine else [], step, times)
                 worker.optimizer_step(times)
         step_time = time.perf_counter() - t0
         sent_after = counter.totals()["sent"]
         sums = torch.tensor([loss_sum, n_tok, samples] + [sent_after[k] - sent_before[k] for k in BYTE_KEYS],
-                            dtype=torch.float64)
-        maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64)
+                            dtype=torch.float64, device=device)
+        maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        log.step(step, sums, maxima)
+        log.step(step, sums.cpu(), maxima.cpu())
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
     dist.barrier()
-    return log.finish(wall, extra=_data_stats(cfg, topo, worker))
+    return log.finish(wall, extra=_data_stats(topo, worker, device))
 
 
-def _data_stats(cfg: Config, topo: Topology, worker) -> dict:
+def _data_stats(topo: Topology, worker, device: torch.device) -> dict:
     """Truncation counts summed over clients (every rank joins the reduce)."""
-    t = torch.zeros(2, dtype=torch.float64)
+    t = torch.zeros(2, dtype=torch.float64, device=device)
     if topo.role is Role.CLIENT:
         t[0], t[1] = worker.data.truncated_sequences, worker.data.truncated_tokens
     dist.all_reduce(t)

@@ -54,10 +54,10 @@ class ClientSync:
 
     def _reduce(self, tensors: dict[str, torch.Tensor], weight: float, average: bool) -> None:
         ref = next(iter(tensors.values()))
-        chunks = [(tensors[n] * weight).reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=ref.dtype)
+        chunks = [(tensors[n] * weight).reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=ref.dtype, device=ref.device)
                   for n, s, _ in self.slots]
         flat = torch.cat(chunks)
-        w = torch.zeros(len(self.union_layers) + 1, dtype=ref.dtype)
+        w = torch.zeros(len(self.union_layers) + 1, dtype=ref.dtype, device=ref.device)
         w[self.held_layers] = weight
         w[-1] = weight
         allreduce_sum_([flat, w], group=self.group)
