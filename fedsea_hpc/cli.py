@@ -71,7 +71,7 @@ def _train(config_path: str | None, overrides: list[str]) -> int:
         print(f"{prefix}fedsea: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     try:
-        return _run(*prepared, launch)
+        rc = _run(*prepared, launch)
     except BaseException as e:  # noqa: BLE001 - a failed rank must take the job down, not hang it
         if isinstance(e, SystemExit) and not e.code:
             raise
@@ -79,6 +79,25 @@ def _train(config_path: str | None, overrides: list[str]) -> int:
         print(f"[rank {launch.rank}] fatal: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
+    if launch.world_size > 1:
+        _exit_now(rc)
+    return rc
+
+
+def _exit_now(rc: int) -> None:
+    """Leave a finished distributed run without running interpreter teardown.
+
+    Under load we saw C++ threads of the communication stack abort the process during static
+    destruction ("terminate called without an active exception") after all work was done and
+    saved; the launcher then reports a failed job. Everything is flushed and the process group
+    destroyed before this point, so skipping the rest of teardown loses nothing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(rc)
 
 
 def _prepare(config_path, overrides, launch):

@@ -78,7 +78,8 @@ class PeftConfig:
 class PrivacyConfig:
     noise_std: float = _f(round(PAPER_NOISE_SIGMA, 6),
                           "σ of the Gaussian noise a client adds to the hidden states it sends. The paper's "
-                          "default 0.02 is a mean |ε|, i.e. σ = 0.02·sqrt(π/2) ≈ 0.02507 (this default). 0 disables.")
+                          "default 0.02 is the mean absolute noise E[abs(ε)], i.e. σ = 0.02·sqrt(π/2) ≈ 0.02507 "
+                          "(this default). 0 disables.")
     grad_clip: float = _f(0.0, "Per-sample L2 clip of the gradient a client returns to the server; 0 = off.")
     grad_noise_std: float = _f(0.0, "σ of Gaussian noise added to that returned gradient; 0 = off.")
 
@@ -125,6 +126,8 @@ class CommConfig:
 class DebugConfig:
     fail_rank: int = _f(-1, "Fault injection for tests: this rank exits abruptly ...")
     fail_step: int = _f(-1, "... at the start of this step (-1 = never).")
+    dump_wire: bool = _f(False, "Server ranks save every tensor received at step 0 under run.output_dir/wire/ "
+                                "(to audit what leaves a client).")
 
 
 @dataclass(kw_only=True)

@@ -9,6 +9,7 @@ is zero: it touches every layer and joins every collective, and adds nothing to 
 """
 from __future__ import annotations
 
+import os
 import time
 
 import deepspeed
@@ -76,6 +77,8 @@ class ServerWorker:
         """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
         t0 = time.perf_counter()
         recv = [(c, self.links[c].recv_lengths(step), self.links[c].recv_activation(step)) for c in clients]
+        if self.cfg.debug.dump_wire and step == 0:
+            self._dump({f"client{c}_lengths": n for c, n, _ in recv} | {f"client{c}_activation": h for c, _, h in recv})
         t1 = time.perf_counter()
         if recv:
             t_max = max(h.shape[1] for _, _, h in recv)
@@ -98,7 +101,10 @@ class ServerWorker:
         row = 0
         for c, n, h in recv:
             b, t = h.shape[:2]
-            grad[row:row + b, :t] = self.links[c].recv_gradient(step).to(grad.dtype)
+            g = self.links[c].recv_gradient(step)
+            if self.cfg.debug.dump_wire and step == 0:
+                self._dump({f"client{c}_gradient": g})
+            grad[row:row + b, :t] = g.to(grad.dtype)
             row += b
         t3 = time.perf_counter()
         # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
@@ -112,6 +118,13 @@ class ServerWorker:
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
+
+    def _dump(self, tensors: dict) -> None:
+        """debug.dump_wire: keep exactly what arrived from the clients, for audits and tests."""
+        out = os.path.join(self.cfg.run.output_dir, "wire")
+        os.makedirs(out, exist_ok=True)
+        for name, t in tensors.items():
+            torch.save(t.cpu(), os.path.join(out, f"{name}.pt"))
 
     def optimizer_step(self, times: dict) -> None:
         t0 = time.perf_counter()
