@@ -1,0 +1,91 @@
+"""The launch scripts and README stay true: Slurm script under a stand-in srun, config reference."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, load_summary, subprocess_env
+from fedsea_hpc.config import reference_markdown
+from fedsea_hpc.distributed.env import detect_launch
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stand-in for srun on one node: start SLURM_NTASKS copies with the variables srun sets.
+shift  # --kill-on-bad-exit=1
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo localhost
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        p = bin_dir / name
+        p.write_text(text)
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+
+    def run(ntasks: int, *args: str) -> subprocess.CompletedProcess:
+        env = subprocess_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": str(ntasks),
+                              "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]",
+                              "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1",
+                              "MASTER_PORT": str(29000 + os.getpid() % 1000)})
+        return subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    return run
+
+
+@pytest.mark.multirank
+def test_sbatch_script_runs_the_job_through_srun(fake_slurm, tmp_path):
+    proc = fake_slurm(3, "--config", "configs/default.yaml", "train.steps=3", f"run.output_dir={tmp_path / 'out'}",
+                      "run.progress=false", "comm.timeout_s=30")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_summary(tmp_path / "out")["steps"] == 3
+
+
+def test_sbatch_script_refuses_a_task_count_that_does_not_match(fake_slurm, tmp_path):
+    proc = fake_slurm(4, "--config", "configs/default.yaml", f"run.output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "needs 3 ranks" in proc.stderr and "4 tasks" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1"}, ("torchrun", 1, 3, 1)),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
+     ("openmpi", 2, 4, 0)),
+    ({"PMI_RANK": "3", "PMI_SIZE": "5", "MPI_LOCALRANKID": "3"}, ("pmi", 3, 5, 3)),
+    ({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3"}, ("slurm", 7, 8, 3)),
+    ({"PMI_RANK": "0", "PMI_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, ("pmi", 0, 2, 0)),
+    ({}, ("none", 0, 1, 0)),
+])
+def test_launcher_variables_in_precedence_order(env, expect):
+    info = detect_launch(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == expect
+
+
+def test_readme_config_reference_is_current():
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "run `fedsea config-reference` and paste it into README.md"
+
+
+def test_every_shipped_config_loads():
+    from fedsea_hpc.config import load_config
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#"), f"{path.name} must begin with the command that runs it"
+        load_config(str(path), [])
