@@ -1,0 +1,398 @@
+"""The real entry point under ``mpiexec`` on gloo/CPU with the tiny Llama.
+
+Launches are expensive (~15-25 s each on 2 cores: imports + DeepSpeed), so runs are cached per
+module and shared between assertions. Every launch passes ``run.progress=false`` and
+``comm.timeout_s=30`` (see conftest) and a fresh output dir, under a subprocess timeout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import check_ok, fedsea_command, free_port, load_metrics, load_summary, run_fedsea, subprocess_env, REPO
+
+pytestmark = pytest.mark.multirank
+
+L = 6
+EXACT = ["privacy.noise_std=0", "federated.avg_every=1", "train.steps=20", "train.lr=1e-3"]
+TOPOLOGIES = [(2, 2), (3, 1)]
+ZERO_STAGES = [0, 1, 2, 3]
+METRIC_KEYS = {"step", "loss", "tokens", "samples", "step_time_s", "bytes_sent", "bytes_sent_by_kind", "phase_s"}
+HEADER_BYTES = 96  # 12 int64 per message
+
+
+# ------------------------------------------------------------------ cached runs
+
+
+class Runs:
+    """Lazily launched runs, keyed by name, shared by every test of this module."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict[str, Path] = {}
+
+    def get(self, name: str, args: list[str], n: int | None, timeout: float = 300) -> Path:
+        if name not in self.cache:
+            out = self.root / name
+            proc = run_fedsea([*args, f"run.output_dir={out}"], n=n, timeout=timeout)
+            check_ok(proc)
+            self.cache[name] = out
+        return self.cache[name]
+
+    def centralized(self, clients: int) -> Path:
+        return self.get(f"central-c{clients}", [*EXACT, "train.mode=centralized", f"topology.clients={clients}"], None)
+
+    def parallel(self, clients: int, servers: int, zero: int) -> Path:
+        return self.get(f"par-c{clients}s{servers}z{zero}",
+                        [*EXACT, f"topology.clients={clients}", f"topology.servers={servers}",
+                         f"deepspeed.zero_stage={zero}"], clients + servers)
+
+    def default(self) -> Path:
+        """The shipped defaults (2 clients x 1 server, paper noise), 40 steps."""
+        return self.get("default", ["train.steps=40"], 3)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mpiexec_path) -> Runs:
+    return Runs(tmp_path_factory.mktemp("runs"))
+
+
+def adapter_tensors(d: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def adapter_layers(d: Path) -> set[int]:
+    out = set()
+    for k in adapter_tensors(d):
+        parts = k.split(".")
+        out.add(int(parts[parts.index("layers") + 1]))
+    return out
+
+
+# ------------------------------------------------------------------ exactness (the key claim)
+
+
+@pytest.mark.parametrize("zero", ZERO_STAGES)
+@pytest.mark.parametrize("clients,servers", TOPOLOGIES)
+def test_split_training_equals_centralized(runs, clients, servers, zero):
+    ref = load_summary(runs.centralized(clients))
+    out = runs.parallel(clients, servers, zero)
+    got = load_summary(out)
+    assert got["mode"] == "parallel" and ref["mode"] == "centralized"
+    assert len(got["losses"]) == len(ref["losses"]) == 20
+    assert got["tokens_total"] == ref["tokens_total"] and got["samples_total"] == ref["samples_total"]
+    diffs = [abs(a - b) for a, b in zip(got["losses"], ref["losses"])]
+    assert max(diffs) < 1e-4, f"per-step |split - centralized| = {diffs}"
+    assert got["losses"][-1] < got["losses"][0]  # it trained, not just agreed at step 1
+
+    # The trained adapters agree too: every client holds the same Part A/C adapter (FedSGD), and
+    # client + server adapters are the centralized adapter cut at the split (ZeRO-3 saves gathered).
+    central = adapter_tensors(runs.centralized(clients) / "adapters" / "centralized")
+    server = adapter_tensors(out / "adapters" / "server")
+    assert adapter_layers(out / "adapters" / "server") == {1, 2, 3, 4}
+    for c in range(clients):
+        client = adapter_tensors(out / "adapters" / f"client{c}")
+        assert adapter_layers(out / "adapters" / f"client{c}") == {0, 5}
+        merged = {**client, **server}
+        assert set(merged) == set(central)
+        for k, t in merged.items():
+            assert t.shape == central[k].shape, k
+            # Adam turns rounding-level gradient differences into ~2e-4 on a few weights (lr 1e-3 x
+            # 20 steps moves a weight by at most ~0.02); a lost or un-gathered shard is off by far more.
+            torch.testing.assert_close(t, central[k], atol=1e-3, rtol=0, msg=f"client{c}: {k}")
+        assert all(t.abs().sum() > 0 for k, t in merged.items() if "lora_B" in k), "lora_B left at its zero init"
+
+
+
+# ------------------------------------------------------------------ default config trains
+
+
+def test_default_config_loss_goes_down(runs):
+    s = load_summary(runs.default())
+    losses = s["losses"]
+    assert len(losses) == 40 and all(l == l and l < 20 for l in losses)  # finite
+    # Measured: 5.70 -> ~5.45 (the byte-level corpus flattens out fast); demand half of that drop.
+    tail = sum(losses[-5:]) / 5
+    assert tail < losses[0] - 0.12, losses
+    assert s["final_loss"] == losses[-1] and s["first_loss"] == losses[0]
+
+
+# ------------------------------------------------------------------ what crosses the wire
+
+
+def _expected_bytes_per_step(out: Path, steps: int) -> list[dict]:
+    """Per step, from the data alone: what client c must send/receive for its [B_c, T_c] batch."""
+    from fedsea_hpc.config import load_config
+    from fedsea_hpc.data.dataset import ClientData
+    from fedsea_hpc.data.tokenizer import load_tokenizer
+
+    cfg = load_config(str(out / "config.yaml"))
+    tok = load_tokenizer("tiny")
+    h, c_n = cfg.model.tiny_hidden_size, cfg.topology.clients
+    streams = [ClientData(cfg.data.train_files, c, c_n, tok, cfg.train.seq_len, cfg.run.seed)
+               .batches(cfg.train.micro_batch_size) for c in range(c_n)]
+    rows = []
+    for _ in range(steps):
+        batches = [next(s) for s in streams]
+        # h_A up + h_B down (float32), and the same two shapes for the gradients.
+        hidden = sum(2 * b.input_ids.shape[0] * b.input_ids.shape[1] * h * 4 for b in batches)
+        samples = sum(b.input_ids.shape[0] for b in batches)
+        rows.append({"activation": hidden, "gradient": hidden, "lengths": 8 * samples, "control": 0,
+                     # per client: lengths, h_A, h_B, dL/dh_B, dL/dh_A
+                     "header": 5 * HEADER_BYTES * c_n, "samples": samples})
+    return rows
+
+
+@pytest.mark.parametrize("which", ["default_noise", "noise0"])
+def test_wire_bytes_are_exactly_hidden_states_and_lengths(runs, which):
+    out = runs.default() if which == "default_noise" else runs.parallel(2, 2, 0)
+    metrics = load_metrics(out)
+    expected = _expected_bytes_per_step(out, len(metrics))
+    for row, exp in zip(metrics, expected):
+        by_kind = row["bytes_sent_by_kind"]
+        assert row["samples"] == exp["samples"]
+        # Only per-sample lengths describe the mask: 8 bytes per sample, no [T, T] or [B, T] mask.
+        assert by_kind["lengths"] == 8 * row["samples"]
+        for k in ("activation", "gradient", "lengths", "control", "header"):
+            assert by_kind[k] == exp[k], (row["step"], k, by_kind, exp)
+        assert by_kind["gradient"] == by_kind["activation"]
+        assert row["bytes_sent"] == sum(by_kind.values())
+
+
+def test_noise_does_not_change_what_is_sent(runs):
+    """Same data, same clients: noise 0 and the default noise send byte-identical traffic per step.
+    (The two runs also differ in lr and server count, which must not change the bytes either.)"""
+    noisy, clean = load_metrics(runs.default()), load_metrics(runs.parallel(2, 2, 0))
+    assert len(clean) == 20
+    for a, b in zip(noisy, clean):
+        assert a["bytes_sent_by_kind"] == b["bytes_sent_by_kind"], a["step"]
+
+
+# ------------------------------------------------------------------ sequential mode
+
+
+def test_sequential_mode_trains_with_the_same_traffic(runs):
+    seq = runs.get("seq-c2s2z3", [*EXACT, "train.mode=sequential", "topology.clients=2", "topology.servers=2",
+                                  "deepspeed.zero_stage=3"], 4)
+    par = runs.parallel(2, 2, 3)
+    s = load_summary(seq)
+    assert s["mode"] == "sequential" and s["steps"] == 20
+    assert sum(s["losses"][-5:]) / 5 < s["losses"][0] - 0.1, s["losses"]
+    sm, pm = load_metrics(seq), load_metrics(par)
+    for a, b in zip(sm, pm):
+        ka, kb = a["bytes_sent_by_kind"], b["bytes_sent_by_kind"]
+        for k in ("activation", "gradient", "lengths"):
+            assert ka[k] == kb[k], (a["step"], k)
+        # Only the turn-taking signal is extra: tiny next to the hidden states.
+        assert a["bytes_sent"] <= b["bytes_sent"] * 1.01
+    assert sorted(os.listdir(seq / "adapters")) == ["client0", "client1", "server"]
+
+
+# ------------------------------------------------------------------ heterogeneous split points
+
+
+def test_per_client_split_points(runs):
+    out = runs.get("hetero", ["topology.clients=3", "topology.servers=2", "split.per_client=[[1,1],[2,1],[1,2]]",
+                              "federated.avg_every=2", "train.steps=10"], 5)
+    s = load_summary(out)
+    assert s["steps"] == 10 and all(l == l for l in s["losses"])
+    own = {0: {0, 5}, 1: {0, 1, 5}, 2: {0, 4, 5}}
+    tensors = {}
+    for c, layers in own.items():
+        d = out / "adapters" / f"client{c}"
+        assert adapter_layers(d) == layers, c
+        tensors[c] = adapter_tensors(d)
+        assert len(tensors[c]) == len(layers) * 4 * 2  # q,k,v,o x lora_A/B
+    assert adapter_layers(out / "adapters" / "server") == {1, 2, 3, 4}
+    # Step 10 ends with a FedAvg: blocks every client holds are identical across clients.
+    shared = [k for k in tensors[0] if ".layers.0." in k or ".layers.5." in k]
+    assert shared
+    for k in shared:
+        torch.testing.assert_close(tensors[1][k], tensors[0][k], atol=1e-6, rtol=1e-6, msg=k)
+        torch.testing.assert_close(tensors[2][k], tensors[0][k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def test_config_yaml_round_trips(runs):
+    from fedsea_hpc.config import load_config
+
+    out = runs.default()
+    text = (out / "config.yaml").read_text()
+    written = yaml.safe_load(text)
+    again = load_config(str(out / "config.yaml")).to_dict()
+    assert again == written
+    assert written["train"]["steps"] == 40 and written["run"]["output_dir"] == str(out)
+    assert written["data"]["train_files"], "the resolved (shipped) data files are recorded"
+
+
+def test_metrics_jsonl_has_one_row_per_step(runs):
+    out = runs.default()
+    rows = load_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for r in rows:
+        assert METRIC_KEYS <= set(r), set(r)
+        assert r["tokens"] > 0 and 0 < r["samples"] <= 16 and r["step_time_s"] > 0  # an epoch may end in a partial batch
+    s = load_summary(out)
+    assert s["losses"] == [r["loss"] for r in rows]
+    assert s["bytes_sent_total"] == sum(r["bytes_sent"] for r in rows)
+    assert s["bytes_sent_by_kind"] == {k: sum(r["bytes_sent_by_kind"][k] for r in rows)
+                                       for k in rows[0]["bytes_sent_by_kind"]}
+
+
+def test_adapters_are_peft_and_load_onto_the_hf_model(runs, tmp_path):
+    from peft import PeftModel
+
+    from fedsea_hpc.config import load_config
+    from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE
+    from fedsea_hpc.model.loading import resolve_model
+
+    out = runs.default()
+    cfg = load_config(str(out / "config.yaml"))
+    root = out / "adapters"
+    assert sorted(os.listdir(root)) == ["client0", "client1", "server"]
+    for d in ("client0", "client1", "server"):
+        conf = json.loads((root / d / "adapter_config.json").read_text())
+        assert conf["peft_type"] == "LORA"
+        assert conf["r"] == cfg.peft.lora_r and conf["lora_alpha"] == cfg.peft.lora_alpha
+        assert set(conf["target_modules"]) == set(cfg.peft.target_modules)
+    assert adapter_layers(root / "client0") == {0, 5} and adapter_layers(root / "server") == {1, 2, 3, 4}
+
+    # Client 0's Part A/C adapter + the server's Part B adapter = one adapter for the whole model.
+    merged = {**adapter_tensors(root / "client0"), **adapter_tensors(root / "server")}
+    full_dir = tmp_path / "full"
+    full_dir.mkdir()
+    save_file(merged, str(full_dir / "adapter_model.safetensors"))
+    (full_dir / "adapter_config.json").write_text((root / "server" / "adapter_config.json").read_text())
+    source = resolve_model("tiny", tiny_vocab_size=TINY_VOCAB_SIZE, seed=cfg.run.seed)
+    model = PeftModel.from_pretrained(source.build_model(), str(full_dir))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(merged) == L * 4 * 2
+    for k, v in merged.items():
+        key = k.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[key], v), k
+    assert any(v.abs().sum() > 0 for k, v in merged.items() if "lora_B" in k), "adapters were trained"
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, TINY_VOCAB_SIZE) and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+BAD_INPUTS = {
+    # name: (overrides, ranks, key the message must name)
+    "unknown_key": (["train.stepz=3"], 2, "train.stepz"),
+    "wrong_type": (["train.steps=abc"], 2, "train.steps"),
+    "world_mismatch": (["topology.clients=3", "topology.servers=2"], 4, "topology."),
+    "split_too_deep": (["split.head_layers=5"], 2, "split.head_layers"),
+    "zero_stage": (["deepspeed.zero_stage=4"], 2, "deepspeed.zero_stage"),
+    "missing_data": (["data.train_files=[missing.jsonl]"], 2, "data.train_files"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, mpiexec_path):
+    """All bad-input launches at once (they fail before any communication, so they don't interact)."""
+    root = tmp_path_factory.mktemp("bad")
+    procs = {}
+    for name, (args, n, _) in BAD_INPUTS.items():
+        extra = [] if name == "world_mismatch" else ["topology.clients=1", "topology.servers=1"]
+        cmd = fedsea_command([*extra, *args, f"run.output_dir={root / name}"], n)
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True), time.monotonic())
+    results = {}
+    try:
+        for name, (p, t0) in procs.items():
+            stdout, stderr = p.communicate(timeout=max(1.0, 90 - (time.monotonic() - t0)))
+            results[name] = (p.returncode, stdout, stderr, time.monotonic() - t0, root / name)
+    finally:
+        for p, _ in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_fails_fast_on_every_rank(bad_runs, name):
+    _, n, key = BAD_INPUTS[name]
+    rc, stdout, stderr, wall, out = bad_runs[name]
+    assert rc == 2, f"exit {rc}\n{stdout}\n{stderr}"
+    assert wall < 60
+    lines = [line for line in (stdout + stderr).splitlines() if "fedsea: error:" in line]
+    assert len(lines) == n, lines  # one line per rank
+    assert {line.split("]")[0] for line in lines} == {f"[rank {r}" for r in range(n)}
+    for line in lines:
+        assert line.split("fedsea: error: ", 1)[1].startswith(key) or key in line, line
+    assert "Traceback" not in stderr and "fatal" not in stderr
+    assert not (out / "config.yaml").exists()
+    assert not out.exists() or not any(out.iterdir())
+
+
+# ------------------------------------------------------------------ a rank dies
+
+
+def test_dead_rank_takes_the_job_down_torchrun_style(tmp_path):
+    """Four plain processes (no MPI launcher to kill the survivors): they must exit on their own."""
+    port = free_port()
+    out = tmp_path / "out"
+    args = ["topology.clients=2", "topology.servers=2", "debug.fail_rank=2", "debug.fail_step=3",
+            "comm.timeout_s=20", "train.steps=30", f"run.output_dir={out}"]
+    procs, logs = [], []
+    for r in range(4):
+        env = subprocess_env(dict(RANK=str(r), WORLD_SIZE="4", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port)))
+        log = open(tmp_path / f"rank{r}.log", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(fedsea_command(args), cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, text=True))
+    ended: dict[int, float] = {}
+    t0 = time.monotonic()
+    try:
+        while len(ended) < 4 and time.monotonic() - t0 < 180:
+            for r, p in enumerate(procs):
+                if r not in ended and p.poll() is not None:
+                    ended[r] = time.monotonic()
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    text = {}
+    for r, log in enumerate(logs):
+        log.seek(0)
+        text[r] = log.read()
+        log.close()
+    assert len(ended) == 4, f"ranks still running after 180 s: {set(range(4)) - set(ended)}\n{text}"
+    assert procs[2].returncode == 3, text[2]
+    assert "debug.fail_rank" in text[2]
+    for r in (0, 1, 3):
+        assert procs[r].returncode != 0, (r, text[r])
+        assert ended[r] - ended[2] < 60, f"rank {r} took {ended[r] - ended[2]:.0f} s to notice"
+        assert "done:" not in text[r]
+    assert any("lost rank 2" in text[r] for r in (0, 1, 3)), {r: text[r][-2000:] for r in (0, 1, 3)}
+
+
+def test_dead_rank_under_mpiexec_exits_nonzero(tmp_path, mpiexec_path):
+    t0 = time.monotonic()
+    proc = run_fedsea(["topology.clients=2", "topology.servers=2", "debug.fail_rank=2", "debug.fail_step=3",
+                       "comm.timeout_s=20", "train.steps=30", f"run.output_dir={tmp_path / 'out'}"], n=4, timeout=180)
+    wall = time.monotonic() - t0
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert "exiting abruptly at step 3" in text
+    assert "done:" not in text
+    assert wall < 120, f"{wall:.0f} s (startup ~20 s + detection must stay < 60 s)"
