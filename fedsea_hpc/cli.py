@@ -134,12 +134,27 @@ def _prepare(config_path, overrides, launch):
     return cfg, topo, source, tokenizer, dtype
 
 
-def _threads(world_size: int) -> int:
+def _threads(launch, topo) -> int:
+    """Torch threads for this rank: ``OMP_NUM_THREADS`` if set, else a share of the cores.
+
+    In the split schedule clients and servers take turns (a client waits while the server runs
+    its blocks, and the other way round), so on a node that holds the whole job a server rank may
+    use ``cores // servers`` threads and a client ``cores // clients`` without oversubscribing.
+    Spread over several nodes, ranks get an equal share of their node.
+    """
     if "OMP_NUM_THREADS" in os.environ:
         return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
-                or os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
-    return max(1, (os.cpu_count() or 1) // max(local, 1))
+                or os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE")
+                or launch.world_size)
+    if topo is not None and local == launch.world_size:
+        from fedsea_hpc.distributed.topology import Role
+
+        share = topo.servers if topo.role is Role.SERVER else topo.clients
+    else:
+        share = local
+    return max(1, cores // max(share, 1))
 
 
 def _run(cfg, topo, source, tokenizer, dtype, launch) -> int:
@@ -148,7 +163,7 @@ def _run(cfg, topo, source, tokenizer, dtype, launch) -> int:
 
     from fedsea_hpc.engine.outputs import write_yaml
 
-    torch.set_num_threads(_threads(launch.world_size))
+    torch.set_num_threads(_threads(launch, topo))
     torch.manual_seed(cfg.run.seed)
     if launch.rank == 0:
         write_yaml(os.path.join(cfg.run.output_dir, "config.yaml"), cfg.to_dict())

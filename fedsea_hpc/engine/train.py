@@ -79,12 +79,12 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                     worker.links[c].send_control(torch.ones(1, dtype=torch.long, device=device), step)
                 worker.serve([c] if mine else [], step, times)
                 worker.optimizer_step(times)
-        step_time = time.perf_counter() - t0
         sent_after = counter.totals()["sent"]
         sums = torch.tensor([loss_sum, n_tok, samples] + [sent_after[k] - sent_before[k] for k in BYTE_KEYS],
                             dtype=torch.float64, device=device)
-        maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
+        step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
+        maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64, device=device)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         log.step(step, sums.cpu(), maxima.cpu())
     wall = time.perf_counter() - t_start
