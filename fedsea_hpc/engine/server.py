@@ -82,39 +82,31 @@ class ServerWorker:
         t1 = time.perf_counter()
         if recv:
             t_max = max(h.shape[1] for _, _, h in recv)
-            x = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t_max - h.shape[1])) for _, _, h in recv])
+            x = torch.cat([_pad_time(h, t_max) for _, _, h in recv])
             lengths = torch.cat([n for _, n, _ in recv])
             owners = [c for c, n, _ in recv for _ in range(len(n))]
         else:
             x = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
             lengths, owners = torch.ones(1, dtype=torch.long, device=self.device), []
         x = x.to(self.dtype).requires_grad_(True)
-        active = self._active_rows(owners)
-        out = self.engine(x, lengths, active)
-        grad = torch.zeros_like(out)
-        row = 0
-        for c, n, h in recv:
-            b, t = h.shape[:2]
-            self.links[c].send_activation(out[row:row + b, :t].detach(), step)
-            row += b
+        out = self.engine(x, lengths, self._active_rows(owners))
+        rows = [h.shape[0] for _, _, h in recv]  # each client's slice of the client-batch
+        for (c, _, h), o in zip(recv, out.detach().split(rows)):
+            self.links[c].send_activation(o[:, :h.shape[1]], step)
         t2 = time.perf_counter()
-        row = 0
-        for c, n, h in recv:
-            b, t = h.shape[:2]
+        grads = []
+        for c, _, h in recv:
             g = self.links[c].recv_gradient(step)
             if self.cfg.debug.dump_wire and step == 0:
                 self._dump({f"client{c}_gradient": g})
-            grad[row:row + b, :t] = g.to(grad.dtype)
-            row += b
+            grads.append(_pad_time(g.to(out.dtype), out.shape[1]))
+        grad = torch.cat(grads) if grads else torch.zeros_like(out)  # dummy round: zero gradient
         t3 = time.perf_counter()
         # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
         # is already a global sum, so scale by the group size to keep the sum.
         self.engine.backward((out * grad).sum() * self.topo.servers)
-        row = 0
-        for c, n, h in recv:
-            b, t = h.shape[:2]
-            self.links[c].send_gradient(x.grad[row:row + b, :t], step)
-            row += b
+        for (c, _, h), g in zip(recv, x.grad.split(rows)):
+            self.links[c].send_gradient(g[:, :h.shape[1]], step)
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
@@ -130,3 +122,8 @@ class ServerWorker:
         t0 = time.perf_counter()
         self.engine.step()
         times["optim_s"] += time.perf_counter() - t0
+
+
+def _pad_time(h: torch.Tensor, t: int) -> torch.Tensor:
+    """Right-pad [B, T, H] with zeros to [B, t, H] (padded positions are masked by the lengths)."""
+    return torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1]))
