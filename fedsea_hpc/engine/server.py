@@ -91,7 +91,7 @@ class ServerWorker:
         x = x.to(self.dtype).requires_grad_(True)
         out = self.engine(x, lengths, self._active_rows(owners))
         rows = [h.shape[0] for _, _, h in recv]  # each client's slice of the client-batch
-        for (c, _, h), o in zip(recv, out.detach().split(rows)):
+        for (c, _, h), o in zip(recv, out.detach().split(rows) if recv else ()):
             self.links[c].send_activation(o[:, :h.shape[1]], step)
         t2 = time.perf_counter()
         grads = []
@@ -105,7 +105,7 @@ class ServerWorker:
         # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
         # is already a global sum, so scale by the group size to keep the sum.
         self.engine.backward((out * grad).sum() * self.topo.servers)
-        for (c, _, h), g in zip(recv, x.grad.split(rows)):
+        for (c, _, h), g in zip(recv, x.grad.split(rows) if recv else ()):
             self.links[c].send_gradient(g[:, :h.shape[1]], step)
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
