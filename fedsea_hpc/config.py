@@ -120,6 +120,8 @@ class CommConfig:
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend; auto = nccl with GPUs, else gloo.")
     timeout_s: float = _f(60.0, "A rank waiting longer than this on a peer gives up and the job exits non-zero.")
     max_message_mb: float = _f(1024.0, "Largest payload a receiver accepts before allocating.")
+    startup_timeout_s: float = _f(900.0, "How long ranks wait for each other to load their parts and set up "
+                                         "DeepSpeed before the first step (big checkpoints load slowly).")
 
 
 @dataclass(kw_only=True)
@@ -308,6 +310,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
                  f"{where}: need 1 <= p, 1 <= q, p + q < {num_layers} layers; got p={p}, q={q}")
     if not cfg.data.train_files:
         cfg.data.train_files = shipped_data_files()[: t.clients] if t.clients <= 3 else shipped_data_files()[:1]
+    need(cfg.comm.startup_timeout_s > 0, f"comm.startup_timeout_s: must be > 0, got {cfg.comm.startup_timeout_s}")
     for i, fpath in enumerate(cfg.data.train_files):
         need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.train_files[{i}]: no such file {fpath!r}")
     n = len(cfg.data.train_files)

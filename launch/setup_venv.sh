@@ -19,5 +19,8 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || { [ -n "$cons
   echo "[fedsea] installing fedsea-hpc[$extras] into $venv" >&2
   python -m pip install -q --upgrade pip
   python -m pip install -q ${constraints:+-c "$constraints"} -e "$repo${extras:+[$extras]}"
+  # DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~35 s, per venv). Do it
+  # here, once, so no job spends its startup (and its peers' patience) compiling.
+  python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
   touch "$stamp"
 fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -69,3 +70,22 @@ def setup_torch_env(info: LaunchInfo) -> None:
             raise RuntimeError("MASTER_PORT is not set and no MPI launcher is present to agree on one; "
                                "export MASTER_ADDR and MASTER_PORT")
         os.environ["MASTER_PORT"] = str(port)
+
+
+def store_barrier(name: str, world_size: int, timeout_s: float) -> None:
+    """Wait until ``world_size`` ranks have called this with ``name``, up to ``timeout_s``.
+
+    Goes through the rendezvous store rather than a collective, so it has its own deadline: the
+    process group's timeout (``comm.timeout_s``) is meant for a stuck peer mid-run, not for the
+    minutes a large checkpoint may take to load before the first step.
+    """
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    store.add(name, 1)
+    deadline = time.monotonic() + timeout_s
+    while (ready := store.add(name, 0)) < world_size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {ready} of {world_size} ranks were ready after comm.startup_timeout_s="
+                               f"{timeout_s:g} s ('{name}')")
+        time.sleep(0.05)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fedsea_hpc.config import Config
+from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.distributed.topology import Role, Topology
 from fedsea_hpc.engine.client import ClientWorker
 from fedsea_hpc.engine.metrics import BYTE_KEYS, PHASES, MetricsLog
@@ -44,7 +45,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     parallel = cfg.train.mode == "parallel"
     avg_every = cfg.federated.avg_every
     fedsgd = parallel and avg_every == 1
-    dist.barrier()  # everyone built its part: start the clock together
+    store_barrier("fedsea/parts-ready", topo.world_size, cfg.comm.startup_timeout_s)  # start the clock together
     t_start = time.perf_counter()
     for step in range(cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
