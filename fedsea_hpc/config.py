@@ -133,6 +133,25 @@ class DebugConfig:
 
 
 @dataclass(kw_only=True)
+class GenerateConfig:
+    prompts_files: list = _f([], "`fedsea generate`: JSONL prompt files, one per client or one sharded round-robin over "
+                                 "clients; records {\"prompt\": str} or {\"messages\": [...]}.")
+    chat_template: Literal["auto", True, False] = _f("auto", "Apply the tokenizer's chat template (with the generation "
+                                                             "prompt): auto = for 'messages' records only.")
+    max_new_tokens: int = _f(32, "Most tokens generated per prompt.")
+    batch_size: int = _f(8, "Prompts per client batch (left-padded).")
+    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy.")
+    top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
+    top_p: float = _f(1.0, "Nucleus sampling mass; 1.0 = off.")
+    seed: int = _f(0, "Seed of the sampling generator (per client: seed + client index).")
+    stop: list = _f([], "Stop strings: a sequence ends once its completion contains one (the completion is cut before it).")
+    kv_cache: bool = _f(True, "Keep a KV cache on each side and send one hidden vector per step; false re-sends and "
+                              "recomputes the whole sequence every step (baseline, same outputs).")
+    noise: bool = _f(False, "Add privacy.noise_std Gaussian noise to the hidden states clients send while generating.")
+    adapters_dir: str = _f("", "A training run's adapters/ dir (client<i>/ onto Parts A+C, server/ onto Part B); '' = none.")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -146,6 +165,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -290,8 +310,21 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
          f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not one of 0, 1, 2, 3")
     need(cfg.comm.timeout_s > 0, f"comm.timeout_s: must be > 0, got {cfg.comm.timeout_s}")
+    need(cfg.comm.startup_timeout_s > 0, f"comm.startup_timeout_s: must be > 0, got {cfg.comm.startup_timeout_s}")
     need(cfg.comm.max_message_mb > 0, f"comm.max_message_mb: must be > 0, got {cfg.comm.max_message_mb}")
     need(cfg.run.log_every >= 1, f"run.log_every: must be >= 1, got {cfg.run.log_every}")
+    g = cfg.generate
+    need(g.max_new_tokens >= 1, f"generate.max_new_tokens: must be >= 1, got {g.max_new_tokens}")
+    need(g.batch_size >= 1, f"generate.batch_size: must be >= 1, got {g.batch_size}")
+    need(g.temperature >= 0, f"generate.temperature: must be >= 0 (0 = greedy), got {g.temperature}")
+    need(g.top_k >= 0, f"generate.top_k: must be >= 0 (0 = off), got {g.top_k}")
+    need(0 < g.top_p <= 1, f"generate.top_p: must be in (0, 1], got {g.top_p}")
+    need(all(isinstance(x, str) and x for x in g.stop), f"generate.stop: must be a list of non-empty strings, got {g.stop}")
+    for i, fpath in enumerate(g.prompts_files):
+        need(isinstance(fpath, str) and Path(fpath).is_file(), f"generate.prompts_files[{i}]: no such file {fpath!r}")
+    if g.prompts_files:
+        n = len(g.prompts_files)
+        need(n in (1, t.clients), f"generate.prompts_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
     m = cfg.model
     for k in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_intermediate_size"):
         need(getattr(m, k) >= 1, f"model.{k}: must be >= 1, got {getattr(m, k)}")
@@ -310,11 +343,27 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
                  f"{where}: need 1 <= p, 1 <= q, p + q < {num_layers} layers; got p={p}, q={q}")
     if not cfg.data.train_files:
         cfg.data.train_files = shipped_data_files()[: t.clients] if t.clients <= 3 else shipped_data_files()[:1]
-    need(cfg.comm.startup_timeout_s > 0, f"comm.startup_timeout_s: must be > 0, got {cfg.comm.startup_timeout_s}")
     for i, fpath in enumerate(cfg.data.train_files):
         need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.train_files[{i}]: no such file {fpath!r}")
     n = len(cfg.data.train_files)
     need(n in (1, t.clients), f"data.train_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
+
+
+def validate_generate(cfg: Config) -> None:
+    """Rules that hold only for `fedsea generate` (a training config need not name prompts)."""
+    if not cfg.generate.prompts_files:
+        raise ConfigError("generate.prompts_files: required for `fedsea generate` (JSONL files with "
+                          "{\"prompt\": ...} or {\"messages\": [...]} records)")
+    if cfg.generate.adapters_dir and not Path(cfg.generate.adapters_dir).is_dir():
+        raise ConfigError(f"generate.adapters_dir: no such directory {cfg.generate.adapters_dir!r}")
+
+
+def check_world_size(clients: int, servers: int, world_size: int) -> None:
+    """The launcher must start exactly one rank per client and per server."""
+    if clients + servers != world_size:
+        raise ConfigError(f"topology.clients ({clients}) + topology.servers ({servers}) = {clients + servers} "
+                          f"ranks, but the launcher started {world_size}; run with -n {clients + servers} "
+                          f"or change topology.*")
 
 
 def reference_markdown() -> str:

@@ -37,12 +37,12 @@ def fake_slurm(tmp_path):
         p.write_text(text)
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
 
-    def run(ntasks: int, *args: str) -> subprocess.CompletedProcess:
+    def run(ntasks: int, *args: str, script: str = "train.sbatch") -> subprocess.CompletedProcess:
         env = subprocess_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": str(ntasks),
                               "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]",
                               "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1",
                               "MASTER_PORT": str(29000 + os.getpid() % 1000)})
-        return subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), *args], cwd=REPO, env=env,
+        return subprocess.run(["bash", str(REPO / "slurm" / script), *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
 
     return run
@@ -56,8 +56,10 @@ def test_sbatch_script_runs_the_job_through_srun(fake_slurm, tmp_path):
     assert load_summary(tmp_path / "out")["steps"] == 3
 
 
-def test_sbatch_script_refuses_a_task_count_that_does_not_match(fake_slurm, tmp_path):
-    proc = fake_slurm(4, "--config", "configs/default.yaml", f"run.output_dir={tmp_path / 'out'}")
+@pytest.mark.parametrize("script, config", [("train.sbatch", "configs/default.yaml"),
+                                            ("generate.sbatch", "configs/generate.yaml")])
+def test_sbatch_script_refuses_a_task_count_that_does_not_match(fake_slurm, tmp_path, script, config):
+    proc = fake_slurm(4, "--config", config, f"run.output_dir={tmp_path / 'out'}", script=script)
     assert proc.returncode == 2
     assert "needs 3 ranks" in proc.stderr and "4 tasks" in proc.stderr
     assert not (tmp_path / "out").exists()

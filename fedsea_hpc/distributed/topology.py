@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from fedsea_hpc.config import ConfigError
+from fedsea_hpc.config import check_world_size
 
 
 class Role(enum.StrEnum):
@@ -34,11 +34,7 @@ class Topology:
     self_group: object = field(default=None, repr=False)  # model-parallel group of 1 for DeepSpeed
 
     def __post_init__(self) -> None:
-        if self.clients + self.servers != self.world_size:
-            raise ConfigError(
-                f"topology.clients ({self.clients}) + topology.servers ({self.servers}) = "
-                f"{self.clients + self.servers} ranks, but the launcher started {self.world_size}; "
-                f"run with -n {self.clients + self.servers} or change topology.*")
+        check_world_size(self.clients, self.servers, self.world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
 
