@@ -17,7 +17,7 @@ templates carry their own); the byte tokenizer adds none. Labels are aligned wit
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +102,14 @@ def _locate(path: str | Path, label: str | None, line: int | None, msg: str) -> 
     return DataError(f"{where}: {msg}" + (f" (file {path})" if label else ""))
 
 
-def _read_numbered(path: str | Path, label: str | None) -> list[tuple[int, dict]]:
-    """Read and validate a JSONL file; return ``(1-based line number, record)`` pairs."""
+def read_numbered_jsonl(path: str | Path, label: str | None,
+                        check: Callable[[object], object] | None = None) -> list[tuple[int, dict]]:
+    """Read a JSONL file; return ``(1-based line number, record)`` pairs.
+
+    ``check(record)`` raises ``DataError`` for a record of the wrong shape (default: a training
+    record); errors name the label (or path) and the line.
+    """
+    check = check or _record_format
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -115,7 +121,7 @@ def _read_numbered(path: str | Path, label: str | None) -> list[tuple[int, dict]
         if not line.strip():  # blank lines (e.g. a trailing newline) are not records
             continue
         try:
-            _record_format(record := json.loads(line))
+            check(record := json.loads(line))
         except json.JSONDecodeError as e:
             raise _locate(path, label, n, f"invalid JSON: {e.msg} at column {e.colno}") from None
         except DataError as e:
@@ -133,7 +139,7 @@ def read_jsonl(path: str | Path, *, label: str | None = None) -> list[dict]:
     appended. Blank lines are skipped. Raises `DataError` for a missing/unreadable file, invalid
     JSON, an invalid record, or a file without records.
     """
-    return [record for _, record in _read_numbered(path, label)]
+    return [record for _, record in read_numbered_jsonl(path, label)]
 
 
 def encode_prompt(prompt: str, tokenizer) -> list[int]:
@@ -258,7 +264,7 @@ class ClientData:
             raise DataError(f"data.train_files: got {len(files)} files for {num_clients} clients; "
                             f"give 1 (sharded round-robin) or {num_clients} (one per client)")
         label, path = f"data.train_files[{index}]", files[index]
-        numbered = _read_numbered(path, label)
+        numbered = read_numbered_jsonl(path, label)
         shard = numbered[records] if records is not None else numbered
         if not shard:
             raise _locate(path, label, None, f"client {client_index} of {num_clients} gets no "

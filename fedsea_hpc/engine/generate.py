@@ -11,7 +11,6 @@ this module holds what both need (prompt loading, masks, cached layer runs, adap
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from fedsea_hpc.config import Config, ConfigError
-from fedsea_hpc.data.dataset import DataError, encode_prompt
+from fedsea_hpc.data.dataset import DataError, encode_prompt, read_numbered_jsonl
 from fedsea_hpc.model.partition import PartModel, client_layers, server_layers
 from fedsea_hpc.transport.wire import lengths_to_mask
 
@@ -34,31 +33,14 @@ class Prompt:
     ids: list[int]
 
 
-def _read_prompt_records(path: str, label: str) -> list[tuple[int, dict]]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{label}: cannot read {path}: {e}") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{label}: line {n}: invalid JSON: {e.msg} at column {e.colno} (file {path})") from None
-        ok = isinstance(rec, dict) and (
-            (isinstance(rec.get("prompt"), str) and rec["prompt"]) or
-            (isinstance(rec.get("messages"), list) and rec["messages"] and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in rec["messages"])))
-        if not ok:
-            raise DataError(f"{label}: line {n}: record needs a non-empty 'prompt' string or a 'messages' "
-                            f"list of {{role, content}} (file {path})")
-        out.append((n, rec))
-    if not out:
-        raise DataError(f"{label}: file has no records ({path})")
-    return out
+def _check_prompt_record(rec: object) -> None:
+    ok = isinstance(rec, dict) and (
+        (isinstance(rec.get("prompt"), str) and rec["prompt"]) or
+        (isinstance(rec.get("messages"), list) and rec["messages"] and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in rec["messages"])))
+    if not ok:
+        raise DataError("record needs a non-empty 'prompt' string or a 'messages' list of {role, content}")
 
 
 def load_prompts(cfg: Config, tokenizer, client: int, max_positions: int) -> list[Prompt]:
@@ -71,7 +53,7 @@ def load_prompts(cfg: Config, tokenizer, client: int, max_positions: int) -> lis
     files = g.prompts_files
     index = client if len(files) == n_clients else 0
     label, path = f"generate.prompts_files[{index}]", files[index]
-    records = _read_prompt_records(path, label)
+    records = read_numbered_jsonl(path, label, _check_prompt_record)
     if len(files) != n_clients:
         records = records[client::n_clients]
     out = []
