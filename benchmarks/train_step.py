@@ -20,18 +20,19 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import resource
 import statistics
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_DIR = "models/smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, SMOLLM2_DIR, machine_info, split_threads, wait_quiet  # noqa: E402
+from _common import ensure_smollm2 as _ensure_smollm2  # noqa: E402
+from _common import mpiexec as _mpiexec  # noqa: E402
+from _common import run_cmd as _run  # noqa: E402
+from _common import tail as _tail  # noqa: E402
+
 PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients_s", "sync_s", "optim_s")
 WARMUP = 2  # the summary's mean_step_time_s excludes the first 2 steps; so do our phase means
 
@@ -41,74 +42,6 @@ MODELS = {
     "smollm2": dict(overrides=[f"model.name_or_path={SMOLLM2_DIR}", "split.head_layers=2",
                                "split.tail_layers=2"], steps=8, seq_len=128, micro_batch=4),
 }
-
-
-def _ensure_smollm2() -> None:
-    if (REPO / SMOLLM2_DIR / "config.json").is_file():
-        return
-    print(f"fetching SmolLM2-135M into {SMOLLM2_DIR} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "fedsea_hpc", "fetch-model", "smollm2", "--dest", SMOLLM2_DIR],
-                   cwd=REPO, check=True)
-
-
-def _mpiexec() -> str:
-    cand = Path(sys.executable).parent / "mpiexec"
-    return str(cand) if cand.exists() else (shutil.which("mpiexec") or "mpiexec")
-
-
-def split_threads(clients: int, servers: int) -> dict:
-    """What ``fedsea_hpc.cli._threads`` picks per role when OMP_NUM_THREADS is unset and the job
-    shares one node: clients and servers take turns, so each role splits the cores among its ranks."""
-    cores = len(os.sched_getaffinity(0))
-    return {"client": max(1, cores // clients), "server": max(1, cores // servers)}
-
-
-def _cpu_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (all processes, all cores), from /proc/stat."""
-    try:
-        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return float("nan")
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
-def _children_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_quiet(max_wait_s: float, busy_frac: float = 0.15, window_s: float = 3.0) -> float:
-    """Wait (at most ``max_wait_s``) until the machine is mostly idle; return the busy fraction seen.
-
-    Other jobs on the same cores (tests, other benchmarks) would inflate both modes' times by
-    different amounts, so the ratio is only meaningful on a quiet machine.
-    """
-    ncpu = os.cpu_count() or 1
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        b0 = _cpu_busy_s()
-        time.sleep(window_s)
-        frac = (_cpu_busy_s() - b0) / (window_s * ncpu)
-        if frac <= busy_frac or time.monotonic() >= deadline:
-            return frac
-        print(f"  machine busy ({frac:.0%} of {ncpu} cores used by others); waiting ...", flush=True)
-
-
-def _run(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int, float, float, float]:
-    """Run ``cmd``; return (rc, wall s, CPU s of our process tree, CPU s used by everything else)."""
-    busy0, ours0, t0 = _cpu_busy_s(), _children_cpu_s(), time.perf_counter()
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
-    wall, ours = time.perf_counter() - t0, _children_cpu_s() - ours0
-    return rc, wall, ours, max(0.0, _cpu_busy_s() - busy0 - ours)
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
 def minimum_bytes(overrides: list[str], steps: int) -> dict:
@@ -312,10 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from {list(MODELS)}")
 
-    import deepspeed  # noqa: F401  (version only)
-    import torch
-    import transformers
-
     tmp = None if args.run_dir else tempfile.TemporaryDirectory(prefix="fedsea_bench_")
     run_root = Path(args.run_dir or tmp.name).resolve()
     try:
@@ -327,11 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train_step",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor(), "python": platform.python_version(),
-                    "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                    "transformers": transformers.__version__,
-                    "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "machine": machine_info(),
         "note": "centralized: 1 process with OMP_NUM_THREADS=cpu_count; parallel: clients+servers ranks on the "
                 "same cores, torch threads = cores // ranks (CLI default). Times are mean over steps > 2.",
         "results": results,

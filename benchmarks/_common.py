@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmark scripts: idle-core waiting, foreign-CPU accounting, launching.
+
+The scripts run as ``python benchmarks/<name>.py`` (this directory is then on ``sys.path``), so
+they import this module as ``_common``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_DIR = "models/smollm2-135m-instruct"
+
+
+def ensure_smollm2() -> None:
+    if (REPO / SMOLLM2_DIR / "config.json").is_file():
+        return
+    print(f"fetching SmolLM2-135M into {SMOLLM2_DIR} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "fedsea_hpc", "fetch-model", "smollm2", "--dest", SMOLLM2_DIR],
+                   cwd=REPO, check=True)
+
+
+def mpiexec() -> str:
+    cand = Path(sys.executable).parent / "mpiexec"
+    return str(cand) if cand.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def split_threads(clients: int, servers: int) -> dict:
+    """What ``fedsea_hpc.cli._threads`` picks per role when OMP_NUM_THREADS is unset and the job
+    shares one node: clients and servers take turns, so each role splits the cores among its ranks."""
+    cores = len(os.sched_getaffinity(0))
+    return {"client": max(1, cores // clients), "server": max(1, cores // servers)}
+
+
+def cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (all processes, all cores), from /proc/stat."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return float("nan")
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_quiet(max_wait_s: float, busy_frac: float = 0.15, window_s: float = 3.0) -> float:
+    """Wait (at most ``max_wait_s``) until the machine is mostly idle; return the busy fraction seen.
+
+    Other jobs on the same cores (tests, other benchmarks) would inflate both modes' times by
+    different amounts, so the ratio is only meaningful on a quiet machine.
+    """
+    ncpu = os.cpu_count() or 1
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        b0 = cpu_busy_s()
+        time.sleep(window_s)
+        frac = (cpu_busy_s() - b0) / (window_s * ncpu)
+        if frac <= busy_frac or time.monotonic() >= deadline:
+            return frac
+        print(f"  machine busy ({frac:.0%} of {ncpu} cores used by others); waiting ...", flush=True)
+
+
+def run_cmd(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int, float, float, float]:
+    """Run ``cmd``; return (rc, wall s, CPU s of our process tree, CPU s used by everything else)."""
+    busy0, ours0, t0 = cpu_busy_s(), children_cpu_s(), time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    wall, ours = time.perf_counter() - t0, children_cpu_s() - ours0
+    return rc, wall, ours, max(0.0, cpu_busy_s() - busy0 - ours)
+
+
+def tail(path: Path, n: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def machine_info() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "processor": platform.processor(), "python": platform.python_version(),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+            "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
