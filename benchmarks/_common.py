@@ -82,6 +82,34 @@ def run_cmd(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int, 
     return rc, wall, ours, max(0.0, cpu_busy_s() - busy0 - ours)
 
 
+def least_disturbed_run(tag: str, cmd: list[str], env: dict, odir: Path, args, base: dict, finish) -> dict:
+    """Run ``cmd`` (outputs under ``odir``) up to ``1 + args.retries`` times; keep the run during
+    which other processes used the smallest share of the cores, stopping once that share is at most
+    ``args.max_foreign``. ``finish(run, odir)`` adds the mode's own results (and prints them)."""
+    ncpu = os.cpu_count() or 1
+    best = None
+    for attempt in range(1 + args.retries):
+        shutil.rmtree(odir, ignore_errors=True)
+        odir.mkdir(parents=True)
+        quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else float("nan")
+        load_before = os.getloadavg()
+        print(f"[{tag}] {' '.join(cmd)}", flush=True)
+        rc, elapsed, cpu_ours, cpu_foreign = run_cmd(cmd, env, args.timeout, odir / "log.txt")
+        if rc != 0:
+            raise RuntimeError(f"{tag} exited {rc} after {elapsed:.0f}s; log tail:\n{tail(odir / 'log.txt')}")
+        run = {**base, "command": cmd, "omp_num_threads_env": env.get("OMP_NUM_THREADS"),
+               "process_wall_s": elapsed, "attempt": attempt, "loadavg_before": load_before,
+               "busy_frac_before": quiet, "cpu_s_ours": cpu_ours, "cpu_s_foreign": cpu_foreign,
+               "foreign_cpu_frac": cpu_foreign / (elapsed * ncpu)}
+        finish(run, odir)
+        if best is None or run["foreign_cpu_frac"] < best["foreign_cpu_frac"]:
+            best = run
+        if run["foreign_cpu_frac"] <= args.max_foreign:
+            break
+        print(f"  too much foreign load (> {args.max_foreign:.0%}); retrying", flush=True)
+    return best
+
+
 def tail(path: Path, n: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 

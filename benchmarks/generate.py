@@ -31,15 +31,14 @@ import argparse
 import datetime as _dt
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, SMOLLM2_DIR, ensure_smollm2, machine_info, mpiexec, run_cmd, split_threads,  # noqa: E402
-                     tail, wait_quiet)
+from _common import (REPO, SMOLLM2_DIR, ensure_smollm2, least_disturbed_run, machine_info, mpiexec,  # noqa: E402
+                     split_threads)
 
 # Plain English prose; rotated per prompt so the B prompts differ. Raw continuation (no chat
 # template) of prose keeps greedy SmolLM2 from emitting EOS within 64 tokens.
@@ -262,23 +261,12 @@ def run_mode(label: str, length: int, args, run_root: Path, prompts_file: Path, 
         threads, ranks = split_threads(args.clients, args.servers), world
         if args.split_omp_threads:
             env["OMP_NUM_THREADS"], threads = str(args.split_omp_threads), args.split_omp_threads
-    best = None
-    for attempt in range(1 + args.retries):
-        shutil.rmtree(odir, ignore_errors=True)
-        odir.mkdir(parents=True)
-        quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else float("nan")
-        print(f"[T={length}/{label}] {' '.join(cmd)}", flush=True)
-        rc, elapsed, cpu_ours, cpu_foreign = run_cmd(cmd, env, args.timeout, odir / "log.txt")
-        if rc != 0:
-            raise RuntimeError(f"T={length}/{label} exited {rc} after {elapsed:.0f}s; log tail:\n{tail(odir / 'log.txt')}")
-        run = {"command": cmd, "ranks": ranks, "torch_threads_per_rank": threads,
-               "omp_num_threads_env": env.get("OMP_NUM_THREADS"), "max_new_tokens": new,
-               "process_wall_s": elapsed, "attempt": attempt, "busy_frac_before": quiet, "cpu_s_ours": cpu_ours,
-               "cpu_s_foreign": cpu_foreign, "foreign_cpu_frac": cpu_foreign / (elapsed * ncpu)}
+
+    def finish(run: dict, odir: Path) -> None:
         if label == "breakdown":
             run.update(json.loads((odir / "breakdown.json").read_text()))
             print(f"[T={length}/{label}] decode step compute: " + ", ".join(
-                f"{k} {v * 1e3:.1f} ms" for k, v in run["decode_step_s"].items()) + f" ({elapsed:.0f}s; other "
+                f"{k} {v * 1e3:.1f} ms" for k, v in run["decode_step_s"].items()) + f" ({run['process_wall_s']:.0f}s; other "
                 f"processes used {run['foreign_cpu_frac']:.0%} of the cores meanwhile)", flush=True)
         else:
             if label == "centralized":
@@ -319,14 +307,11 @@ def run_mode(label: str, length: int, args, run_root: Path, prompts_file: Path, 
                                      for k in sorted({r["finish_reason"] for r in records})}
             run["token_ids"] = [r["token_ids"] for r in records]
             print(f"[T={length}/{label}] {run['tokens_per_s']:.2f} tok/s, {run['per_token_latency_s'] * 1e3:.1f} ms per "
-                  f"decode step, finish {run['finish_reasons']} ({elapsed:.0f}s; other processes used "
+                  f"decode step, finish {run['finish_reasons']} ({run['process_wall_s']:.0f}s; other processes used "
                   f"{run['foreign_cpu_frac']:.0%} of the cores meanwhile)", flush=True)
-        if best is None or run["foreign_cpu_frac"] < best["foreign_cpu_frac"]:
-            best = run
-        if run["foreign_cpu_frac"] <= args.max_foreign:
-            break
-        print(f"  too much foreign load (> {args.max_foreign:.0%}); retrying", flush=True)
-    return best
+
+    return least_disturbed_run(f"T={length}/{label}", cmd, env, odir, args,
+                               {"ranks": ranks, "torch_threads_per_rank": threads, "max_new_tokens": new}, finish)
 
 
 def _compare(a: list[list[int]], b: list[list[int]]) -> dict:

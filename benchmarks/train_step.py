@@ -21,17 +21,14 @@ import datetime as _dt
 import json
 import os
 import statistics
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SMOLLM2_DIR, machine_info, split_threads, wait_quiet  # noqa: E402
+from _common import REPO, SMOLLM2_DIR, least_disturbed_run, machine_info, split_threads  # noqa: E402
 from _common import ensure_smollm2 as _ensure_smollm2  # noqa: E402
 from _common import mpiexec as _mpiexec  # noqa: E402
-from _common import run_cmd as _run  # noqa: E402
-from _common import tail as _tail  # noqa: E402
 
 PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients_s", "sync_s", "optim_s")
 WARMUP = 2  # the summary's mean_step_time_s excludes the first 2 steps; so do our phase means
@@ -116,37 +113,22 @@ def run_model(name: str, args, run_root: Path) -> dict:
             cmd, threads, ranks = [_mpiexec(), "-n", str(world), *base], split_threads(args.clients, args.servers), world
             if omp > 0:
                 env["OMP_NUM_THREADS"], threads = str(omp), omp
-        best = None
-        for attempt in range(1 + args.retries):
-            shutil.rmtree(odir, ignore_errors=True)
-            odir.mkdir(parents=True)
-            quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else float("nan")
-            load_before = os.getloadavg()
-            print(f"[{name}/{label}] {' '.join(cmd)}", flush=True)
-            rc, elapsed, cpu_ours, cpu_foreign = _run(cmd, env, args.timeout, odir / "log.txt")
-            if rc != 0:
-                raise RuntimeError(f"{name}/{label} exited {rc} after {elapsed:.0f}s; log tail:\n"
-                                   f"{_tail(odir / 'log.txt')}")
+        def finish(run: dict, odir: Path, name=name, label=label) -> None:
             summary = json.loads((odir / "summary.json").read_text())
             rows = [json.loads(line) for line in (odir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            run = {
-                "command": cmd, "ranks": ranks, "torch_threads_per_rank": threads,
-                "omp_num_threads_env": env.get("OMP_NUM_THREADS"), "process_wall_s": elapsed, "attempt": attempt,
-                "loadavg_before": load_before, "busy_frac_before": quiet, "cpu_s_ours": cpu_ours,
-                "cpu_s_foreign": cpu_foreign, "foreign_cpu_frac": cpu_foreign / (elapsed * ncpu),
+            run.update({
                 "median_step_time_s": statistics.median(r["step_time_s"] for r in rows[WARMUP:] or rows),
                 "summary": summary, "phase_means_s": _phase_means(rows),
                 "per_step": [{k: r[k] for k in ("step", "step_time_s", "bytes_sent", "bytes_sent_by_kind",
                                                  "phase_s", "samples", "tokens")} for r in rows],
-            }
+            })
             print(f"[{name}/{label}] {summary['mean_step_time_s'] * 1e3:.1f} ms/step (median "
-                  f"{run['median_step_time_s'] * 1e3:.1f}), final loss {summary['final_loss']:.4f} ({elapsed:.0f}s; "
-                  f"other processes used {run['foreign_cpu_frac']:.0%} of the cores meanwhile)", flush=True)
-            if best is None or run["foreign_cpu_frac"] < best["foreign_cpu_frac"]:
-                best = run
-            if run["foreign_cpu_frac"] <= args.max_foreign:
-                break
-            print(f"  too much foreign load (> {args.max_foreign:.0%}); retrying", flush=True)
+                  f"{run['median_step_time_s'] * 1e3:.1f}), final loss {summary['final_loss']:.4f} "
+                  f"({run['process_wall_s']:.0f}s; other processes used {run['foreign_cpu_frac']:.0%} of the "
+                  f"cores meanwhile)", flush=True)
+
+        best = least_disturbed_run(f"{name}/{label}", cmd, env, odir, args,
+                                   {"ranks": ranks, "torch_threads_per_rank": threads}, finish)
         out["runs"][label] = best
 
     mins = minimum_bytes(common, steps)
