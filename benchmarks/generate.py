@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, SMOLLM2_DIR, ensure_smollm2, least_disturbed_run, machine_info, mpiexec,  # noqa: E402
                      split_threads)
 
+WORKERS = Path(__file__).resolve().with_name("generate_workers.py")  # the single-process measurements
+
 # Plain English prose; rotated per prompt so the B prompts differ. Raw continuation (no chat
 # template) of prose keeps greedy SmolLM2 from emitting EOS within 64 tokens.
 TEXT = (
@@ -91,130 +93,6 @@ def build_prompts(tok, length: int, count: int) -> list[str]:
 
 # ------------------------------------------------------------------ centralized (a child process)
 
-def centralized_worker(args) -> int:
-    """``--centralized-worker``: HF ``generate`` on the unsplit model; writes JSON to ``--worker-out``."""
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    from fedsea_hpc.data.dataset import encode_prompt
-    from fedsea_hpc.data.tokenizer import load_tokenizer
-    from fedsea_hpc.model.loading import resolve_model
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    torch.manual_seed(0)
-    model = resolve_model(args.model_dir, tiny_vocab_size=0, seed=0).build_model().to(getattr(torch, args.dtype))
-    model.generation_config.eos_token_id = None  # only what we pass
-    tok = load_tokenizer(args.model_dir)
-    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    class Stamp(LogitsProcessor):  # called once per step, right after that step's forward
-        def __init__(self):
-            self.t: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            self.t.append(time.perf_counter())
-            return scores
-
-    records, batches = [], []
-    with torch.no_grad():
-        for i in range(0, len(prompts), args.batch_size):
-            enc = [encode_prompt(p, tok) for p in prompts[i:i + args.batch_size]]
-            t = max(map(len, enc))
-            ids = torch.tensor([[pad] * (t - len(e)) + e for e in enc])
-            mask = torch.tensor([[0] * (t - len(e)) + [1] * len(e) for e in enc])
-            stamp = Stamp()
-            t0 = time.perf_counter()
-            gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=tok.eos_token_id,
-                                 logits_processor=LogitsProcessorList([stamp]))
-            t1 = time.perf_counter()
-            batches.append({"rows": len(enc), "prompt_len": t, "t_start": t0, "t_end": t1, "stamps": stamp.t})
-            for row in gen[:, t:].tolist():
-                if tok.eos_token_id in row:
-                    row = row[:row.index(tok.eos_token_id) + 1]
-                    records.append({"token_ids": row, "finish_reason": "eos"})
-                else:
-                    records.append({"token_ids": row, "finish_reason": "length"})
-    wall = sum(b["t_end"] - b["t_start"] for b in batches)
-    prompt_s = sum(b["stamps"][0] - b["t_start"] for b in batches)
-    decode_s = sum(b["t_end"] - b["stamps"][0] for b in batches)
-    steps = sum(len(b["stamps"]) - 1 for b in batches)
-    new = sum(len(r["token_ids"]) for r in records)
-    out = {"wall_s": wall, "new_tokens": new, "tokens_per_s": new / wall, "prompt_phase_s": prompt_s,
-           "decode_phase_s": decode_s, "decode_steps": steps, "per_token_latency_s": decode_s / max(steps, 1),
-           "torch_threads": torch.get_num_threads(),
-           "step_times_s": [[b2 - b1 for b1, b2 in zip([b["t_start"]] + b["stamps"], b["stamps"])]
-                            for b in batches],
-           "records": records}
-    Path(args.worker_out).write_text(json.dumps(out))
-    return 0
-
-
-def breakdown_worker(args) -> int:
-    """``--breakdown-worker``: the split's decode step, compute only, in one process (no wire).
-
-    Builds the client part (embed, head blocks, tail blocks, LM head) and the server part exactly as
-    the CLI does and runs the client's ``_logits`` sequence with both caches, timing each piece per
-    decode step: client A (embed, mask/positions, head blocks), server B (its own mask/positions and
-    blocks: ``CachedPartB``), client C (tail blocks, LM head, argmax). Their sum is the split's
-    critical path without communication or process hand-offs.
-    """
-    import torch
-
-    from fedsea_hpc.config import load_config
-    from fedsea_hpc.data.dataset import encode_prompt
-    from fedsea_hpc.data.tokenizer import load_tokenizer
-    from fedsea_hpc.engine.generate import CachedPartB, new_cache, run_cached, step_context
-    from fedsea_hpc.model.loading import resolve_model
-    from fedsea_hpc.model.partition import build_part, client_layers, server_layers
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    cfg = load_config(args.config, [f"model.name_or_path={args.model_dir}", "topology.clients=1",
-                                    "topology.servers=1"])
-    dtype = getattr(torch, args.dtype)
-    source = resolve_model(args.model_dir, tiny_vocab_size=0, seed=0)
-    n_layers = source.config.num_hidden_layers
-    p, q = cfg.split_for(0)
-    head_ids, tail_ids = list(range(p)), list(range(n_layers - q, n_layers))
-    cpart = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).eval()
-    spart = build_part(source, server_layers(n_layers, [(p, q)]), embed=False, head=False, dtype=dtype)
-    server = CachedPartB(spart, spart).eval()
-    tok = load_tokenizer(args.model_dir)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    enc = [encode_prompt(x, tok) for x in prompts[:args.batch_size]]
-    t = max(map(len, enc))
-    ids = torch.tensor([[pad] * (t - len(e)) + e for e in enc])
-    n = torch.tensor([len(e) for e in enc])
-    ccache, scache = new_cache(cpart), new_cache(spart)
-    rows = []
-    with torch.no_grad():
-        for k in range(args.max_new_tokens):
-            x, lengths, past = (ids, n, 0) if k == 0 else (nxt[:, None], n + k, t + k - 1)
-            t0 = time.perf_counter()
-            h = cpart.embed(x)
-            ctx = step_context(cpart, h, lengths, past, ccache, head_ids[0])
-            h = run_cached(cpart, h, head_ids, ctx, ccache)
-            t1 = time.perf_counter()
-            h = server(h, lengths, past, scache)
-            t2 = time.perf_counter()
-            h = run_cached(cpart, h, tail_ids, ctx, ccache)
-            nxt = cpart.head_logits(h[:, -1:])[:, 0].float().argmax(-1)
-            t3 = time.perf_counter()
-            rows.append((t1 - t0, t2 - t1, t3 - t2))
-    dec = rows[1:]
-    mean = [sum(r[i] for r in dec) / max(len(dec), 1) for i in range(3)]
-    out = {"torch_threads": torch.get_num_threads(), "head_layers": head_ids, "tail_layers": tail_ids,
-           "server_layers": spart.layer_ids, "prompt_step_s": dict(zip(("client_a", "server_b", "client_c"), rows[0])),
-           "decode_step_s": dict(zip(("client_a", "server_b", "client_c"), mean)),
-           "decode_compute_s": sum(mean), "decode_steps": len(dec)}
-    Path(args.worker_out).write_text(json.dumps(out))
-    return 0
-
-
-# ------------------------------------------------------------------ driver
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -238,7 +116,7 @@ def run_mode(label: str, length: int, args, run_root: Path, prompts_file: Path, 
     if label == "centralized":
         new = args.max_new_tokens
         env["OMP_NUM_THREADS"] = str(ncpu)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--centralized-worker", "--model-dir", args.model_dir,
+        cmd = [sys.executable, str(WORKERS), "centralized", "--model-dir", args.model_dir,
                "--prompts-file", str(prompts_file), "--batch-size", str(args.batch_size), "--max-new-tokens", str(new),
                "--dtype", args.dtype, "--worker-out", str(odir / "centralized.json")]
         threads, ranks = ncpu, 1
@@ -246,7 +124,7 @@ def run_mode(label: str, length: int, args, run_root: Path, prompts_file: Path, 
         new = args.max_new_tokens
         thr = args.split_omp_threads or split_threads(args.clients, args.servers)["server"]
         env["OMP_NUM_THREADS"] = str(thr)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--breakdown-worker", "--model-dir", args.model_dir,
+        cmd = [sys.executable, str(WORKERS), "breakdown", "--model-dir", args.model_dir,
                "--config", args.config, "--prompts-file", str(prompts_file), "--batch-size", str(args.batch_size),
                "--max-new-tokens", str(new), "--dtype", args.dtype, "--worker-out", str(odir / "breakdown.json")]
         threads, ranks = thr, 1
@@ -437,16 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the compute-only breakdown of the split decode step (one process, no wire)")
     ap.add_argument("--run-dir", default="", help="where run outputs go (default: a temp dir, deleted)")
     ap.add_argument("--out", default="benchmarks/results/generate.json")
-    # internal: the centralized child process
-    ap.add_argument("--centralized-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--prompts-file", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--breakdown-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.centralized_worker:
-        return centralized_worker(args)
-    if args.breakdown_worker:
-        return breakdown_worker(args)
     args.baseline_new_tokens = args.baseline_new_tokens or args.max_new_tokens
     if args.prompts % args.clients:
         ap.error("--prompts must be a multiple of --clients")
