@@ -93,16 +93,25 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
 def _exit_now(rc: int) -> None:
     """Leave a finished distributed run without running interpreter teardown.
 
-    Under load we saw C++ threads of the communication stack abort the process during static
-    destruction ("terminate called without an active exception") after all work was done and
-    saved; the launcher then reports a failed job. Everything is flushed and the process group
-    destroyed before this point, so skipping the rest of teardown loses nothing.
+    Under load we saw C++ threads of the communication stack abort the process during Python's
+    teardown ("terminate called without an active exception") after all work was done and saved;
+    the launcher then reports a failed job. Everything is flushed and the process group destroyed
+    before this point, so skipping the Python side of teardown loses nothing.
+
+    Where MPI was initialised the process must still end through C ``exit``, not ``os._exit``:
+    MPICH (4.1 and later) tells its process manager "finalized" from an ``atexit`` hook, not
+    from ``MPI_Finalize``. A rank that skips the hook looks to Hydra like an MPI process that died,
+    and Hydra SIGKILLs every rank still running, so whichever rank left last failed the job.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
+    if mpi is not None and mpi.Is_initialized():
+        if not mpi.Is_finalized():
+            mpi.Finalize()
+        import ctypes
+
+        ctypes.CDLL(None).exit(rc)
     os._exit(rc)
 
 

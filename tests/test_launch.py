@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,28 @@ def test_every_shipped_config_loads():
         first = path.read_text().splitlines()[0]
         assert first.startswith("#"), f"{path.name} must begin with the command that runs it"
         load_config(str(path), [])
+
+
+EXIT_SCRIPT = """
+import sys, time
+from pathlib import Path
+from mpi4py import MPI
+from fedsea_hpc.cli import _exit_now
+rank = MPI.COMM_WORLD.Get_rank()
+MPI.Finalize()
+if rank == 1:  # still busy (say, unmapping a large model) when rank 0 has already left
+    time.sleep(2)
+    Path(sys.argv[1], "done1").write_text("ok")
+_exit_now(0)
+"""
+
+
+@pytest.mark.multirank
+def test_a_finished_rank_leaving_first_does_not_kill_a_slower_one(mpiexec_path, tmp_path):
+    """Under Hydra, a rank that skips MPICH's exit hook looks dead: the launcher SIGKILLs the rest."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = subprocess.run([str(mpiexec_path), "-n", "2", sys.executable, str(script), str(tmp_path)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "done1").read_text() == "ok"
