@@ -23,7 +23,8 @@ from conftest import check_ok, fedsea_command, free_port, load_metrics, load_sum
 pytestmark = pytest.mark.multirank
 
 L = 6
-EXACT = ["privacy.noise_std=0", "federated.avg_every=1", "train.steps=20", "train.lr=1e-3"]
+LR, STEPS = 1e-3, 20
+EXACT = ["privacy.noise_std=0", "federated.avg_every=1", f"train.steps={STEPS}", f"train.lr={LR}"]
 TOPOLOGIES = [(2, 2), (3, 1)]
 ZERO_STAGES = [0, 1, 2, 3]
 METRIC_KEYS = {"step", "loss", "tokens", "samples", "step_time_s", "bytes_sent", "bytes_sent_by_kind", "phase_s"}
@@ -89,7 +90,7 @@ def test_split_training_equals_centralized(runs, clients, servers, zero):
     out = runs.parallel(clients, servers, zero)
     got = load_summary(out)
     assert got["mode"] == "parallel" and ref["mode"] == "centralized"
-    assert len(got["losses"]) == len(ref["losses"]) == 20
+    assert len(got["losses"]) == len(ref["losses"]) == STEPS
     assert got["tokens_total"] == ref["tokens_total"] and got["samples_total"] == ref["samples_total"]
     diffs = [abs(a - b) for a, b in zip(got["losses"], ref["losses"])]
     assert max(diffs) < 1e-4, f"per-step |split - centralized| = {diffs}"
@@ -107,9 +108,15 @@ def test_split_training_equals_centralized(runs, clients, servers, zero):
         assert set(merged) == set(central)
         for k, t in merged.items():
             assert t.shape == central[k].shape, k
-            # Adam turns rounding-level gradient differences into ~2e-4 on a few weights (lr 1e-3 x
-            # 20 steps moves a weight by at most ~0.02); a lost or un-gathered shard is off by far more.
-            torch.testing.assert_close(t, central[k], atol=1e-3, rtol=0, msg=f"client{c}: {k}")
+            # Adam normalises each gradient element, so where a gradient is ~0 (a lora_A whose
+            # lora_B is still near its zero init) rounding-level differences between the split
+            # and the unsplit sum can move a single weight by up to lr per step (measured: 1.5e-3
+            # on one element of 512, CPU-dependent). A lost, stale or un-gathered shard instead
+            # misses the whole update, lr x steps x O(1) ~ 1e-2 on every element: so demand a
+            # small *mean* difference, and bound the worst element by Adam's own limit.
+            diff = (t - central[k]).abs()
+            assert diff.mean() < 1e-4, f"client{c}: {k}: mean |split - centralized| = {diff.mean():.2e}"
+            assert diff.max() <= 2 * LR * STEPS, f"client{c}: {k}: max |split - centralized| = {diff.max():.2e}"
         assert all(t.abs().sum() > 0 for k, t in merged.items() if "lora_B" in k), "lora_B left at its zero init"
 
 
