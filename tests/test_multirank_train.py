@@ -108,17 +108,13 @@ def test_split_training_equals_centralized(runs, clients, servers, zero):
         assert set(merged) == set(central)
         for k, t in merged.items():
             assert t.shape == central[k].shape, k
-            # Adam normalises each gradient element, so where a gradient is ~0 (a lora_A whose
-            # lora_B is still near its zero init) rounding-level differences between the split
-            # and the unsplit sum can move a single weight by up to lr per step (measured: 1.5e-3
-            # on one element of 512, CPU-dependent). A lost, stale or un-gathered shard instead
-            # misses the whole update, lr x steps x O(1) ~ 1e-2 on every element: so demand a
-            # small *mean* difference, and bound the worst element by Adam's own limit.
+            # Adam normalises near-zero gradients, so rounding can move a single weight by up to lr
+            # per step (1.5e-3 on one of 512, CPU-dependent); a lost or un-gathered shard misses the
+            # update on every element (~1e-2). So: a small mean, and Adam's bound on the worst one.
             diff = (t - central[k]).abs()
             assert diff.mean() < 1e-4, f"client{c}: {k}: mean |split - centralized| = {diff.mean():.2e}"
             assert diff.max() <= 2 * LR * STEPS, f"client{c}: {k}: max |split - centralized| = {diff.max():.2e}"
         assert all(t.abs().sum() > 0 for k, t in merged.items() if "lora_B" in k), "lora_B left at its zero init"
-
 
 
 # ------------------------------------------------------------------ default config trains
