@@ -82,7 +82,7 @@ def breakdown_worker(args) -> int:
     Builds the client part (embed, head blocks, tail blocks, LM head) and the server part exactly as
     the CLI does and runs the client's ``_logits`` sequence with both caches, timing each piece per
     decode step: client A (embed, mask/positions, head blocks), server B (its own mask/positions and
-    blocks: ``CachedPartB``), client C (tail blocks, LM head, argmax). Their sum is the split's
+    blocks: ``PartModel.forward``), client C (tail blocks, LM head, argmax). Their sum is the split's
     critical path without communication or process hand-offs.
     """
     import torch
@@ -90,7 +90,7 @@ def breakdown_worker(args) -> int:
     from fedsea_hpc.config import load_config
     from fedsea_hpc.data.dataset import encode_prompt
     from fedsea_hpc.data.tokenizer import load_tokenizer
-    from fedsea_hpc.engine.generate import CachedPartB, new_cache, run_cached, step_context
+    from fedsea_hpc.generate.decoding import new_cache
     from fedsea_hpc.model.loading import resolve_model
     from fedsea_hpc.model.partition import build_part, client_layers, server_layers
 
@@ -104,7 +104,7 @@ def breakdown_worker(args) -> int:
     head_ids, tail_ids = list(range(p)), list(range(n_layers - q, n_layers))
     cpart = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).eval()
     spart = build_part(source, server_layers(n_layers, [(p, q)]), embed=False, head=False, dtype=dtype)
-    server = CachedPartB(spart, spart).eval()
+    server = spart.eval()
     tok = load_tokenizer(args.model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -112,19 +112,19 @@ def breakdown_worker(args) -> int:
     t = max(map(len, enc))
     ids = torch.tensor([[pad] * (t - len(e)) + e for e in enc])
     n = torch.tensor([len(e) for e in enc])
-    ccache, scache = new_cache(cpart), new_cache(spart)
+    ccache, scache = new_cache(cpart.config), new_cache(spart.config)
     rows = []
     with torch.no_grad():
         for k in range(args.max_new_tokens):
             x, lengths, past = (ids, n, 0) if k == 0 else (nxt[:, None], n + k, t + k - 1)
             t0 = time.perf_counter()
             h = cpart.embed(x)
-            ctx = step_context(cpart, h, lengths, past, ccache, head_ids[0])
-            h = run_cached(cpart, h, head_ids, ctx, ccache)
+            ctx = cpart.context(h, lengths, "left", past=past, cache=ccache)
+            h = cpart.run_layers(h, head_ids, ctx, cache=ccache)
             t1 = time.perf_counter()
-            h = server(h, lengths, past, scache)
+            h = server(h, lengths, None, "left", past, scache)
             t2 = time.perf_counter()
-            h = run_cached(cpart, h, tail_ids, ctx, ccache)
+            h = cpart.run_layers(h, tail_ids, ctx, cache=ccache)
             nxt = cpart.head_logits(h[:, -1:])[:, 0].float().argmax(-1)
             t3 = time.perf_counter()
             rows.append((t1 - t0, t2 - t1, t3 - t2))

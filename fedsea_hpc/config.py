@@ -177,6 +177,10 @@ class Config:
             return int(p), int(q)
         return self.split.head_layers, self.split.tail_layers
 
+    def splits(self) -> list[tuple[int, int]]:
+        """(p, q) of every client rank, in client order."""
+        return [self.split_for(c) for c in range(self.topology.clients)]
+
     def world_size(self) -> int:
         return 1 if self.train.mode == "centralized" else self.topology.clients + self.topology.servers
 

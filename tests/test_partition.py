@@ -7,35 +7,22 @@ import hashlib
 import pytest
 import torch
 
-from fedsea_hpc.config import ConfigError, load_config, validate
+from fedsea_hpc.config import ConfigError, PeftConfig, load_config, validate
+from fedsea_hpc.data.dataset import IGNORE_INDEX
 from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE
 from fedsea_hpc.model.loading import resolve_model
 from fedsea_hpc.model.lora import apply_lora, trainable
-from fedsea_hpc.model.partition import (
-    IGNORE_INDEX,
-    PartModel,
-    build_part,
-    client_layers,
-    loss_sum,
-    part_keys,
-    server_layers,
-)
-from fedsea_hpc.transport.wire import lengths_to_mask
+from fedsea_hpc.model.masks import lengths_to_mask
+from fedsea_hpc.model.names import layer_of
+from fedsea_hpc.model.partition import PartModel, build_part, client_layers, loss_sum, part_keys, server_layers
 
 L = 6
-LORA = dict(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], seed=0)
+PEFT = PeftConfig(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @pytest.fixture(scope="module")
 def source():
     return resolve_model("tiny", tiny_vocab_size=TINY_VOCAB_SIZE, seed=0)
-
-
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    if "layers" in parts:
-        return int(parts[parts.index("layers") + 1])
-    return None
 
 
 def own_params(part: PartModel) -> dict[str, torch.Tensor]:
@@ -142,7 +129,7 @@ def _batch(vocab: int = 261):
 def _reference(source):
     full = source.build_model()
     full.config._attn_implementation = "sdpa"
-    model = apply_lora(full, **LORA)
+    model = apply_lora(full, PEFT, 0)
     _randomize_lora_b(model)
     model.train()
     return full, model
@@ -151,7 +138,7 @@ def _reference(source):
 def _split(source, p, q):
     client = build_part(source, client_layers(L, p, q), embed=True, head=True, dtype=torch.float32)
     server = build_part(source, server_layers(L, [(p, q)]), embed=False, head=False, dtype=torch.float32)
-    cm, sm = apply_lora(client, **LORA), apply_lora(server, **LORA)
+    cm, sm = apply_lora(client, PEFT, 0), apply_lora(server, PEFT, 0)
     for m in (cm, sm):
         _randomize_lora_b(m)
         m.train()
@@ -171,7 +158,7 @@ def test_split_forward_backward_equals_hf(source, p, q):
     # Execute: the chain client A -> server B -> client C, with detached boundaries like the wire.
     client, server, cm, sm = _split(source, p, q)
     h0 = client.embed(ids)
-    ctx = client.masks(h0, lengths)
+    ctx = client.context(h0, lengths)
     h_a = client.run_layers(h0, range(p), ctx)
     x = h_a.detach().requires_grad_(True)
     h_b = server(x, lengths)
@@ -198,7 +185,7 @@ def test_split_forward_backward_equals_hf(source, p, q):
 def test_inactive_rows_pass_through_layers(source):
     """Clients with different spans share one server batch: a row skips the layers outside its span."""
     server = build_part(source, [1, 2, 3, 4], embed=False, head=False, dtype=torch.float32)
-    apply_lora(server, **LORA)
+    apply_lora(server, PEFT, 0)
     g = torch.Generator().manual_seed(3)
     lengths = torch.tensor([7, 4, 6])
     x = torch.randn(3, 7, source.config.hidden_size, generator=g)
@@ -209,7 +196,7 @@ def test_inactive_rows_pass_through_layers(source):
         out = server(x, lengths, active)
         for row, (lo, hi) in enumerate(spans):
             alone = x[row:row + 1]
-            ctx = server.masks(alone, lengths[row:row + 1])
+            ctx = server.context(alone, lengths[row:row + 1])
             expect = server.run_layers(alone, range(lo, hi), ctx)
             n = int(lengths[row])
             torch.testing.assert_close(out[row, :n], expect[0, :n], atol=1e-5, rtol=1e-5)
@@ -219,7 +206,7 @@ def test_inactive_rows_pass_through_layers(source):
 
 def test_inactive_rows_get_no_gradient_from_skipped_layers(source):
     server = build_part(source, [1, 2], embed=False, head=False, dtype=torch.float32)
-    model = apply_lora(server, **LORA)
+    model = apply_lora(server, PEFT, 0)
     _randomize_lora_b(model)
     x = torch.randn(2, 5, source.config.hidden_size, generator=torch.Generator().manual_seed(4), requires_grad=True)
     lengths = torch.tensor([5, 5])

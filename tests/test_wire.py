@@ -1,4 +1,4 @@
-"""Unit tests for the wire header, payload codec and attention-mask codec (single process)."""
+"""Unit tests for the wire header and payload codec (single process)."""
 
 import pytest
 import torch
@@ -11,10 +11,6 @@ from fedsea_hpc.transport.wire import (
     bytes_to_tensor,
     decode_header,
     encode_header,
-    infer_padding_side,
-    lengths_to_mask,
-    mask_to_lengths,
-    position_ids_from_lengths,
     tensor_to_bytes,
 )
 
@@ -145,62 +141,3 @@ def test_tensor_to_bytes_is_a_view_when_contiguous_and_handles_odd_inputs():
     assert bytes_to_tensor(tensor_to_bytes(empty), meta).shape == (0, 7)
     with pytest.raises(WireError, match="does not hold"):
         bytes_to_tensor(torch.zeros(3, dtype=torch.uint8), meta)
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_mask_codec_round_trip(side):
-    # Prepare: empty row, full row, and partial rows.
-    lengths = torch.tensor([0, 5, 2, 1, 4])
-    # Execute
-    mask = lengths_to_mask(lengths, 5, side)
-    back = mask_to_lengths(mask, side)
-    # Assert
-    assert mask.dtype == torch.int64 and mask.shape == (5, 5)
-    assert torch.equal(back, lengths)
-    assert torch.equal(mask_to_lengths(mask), lengths)  # side inferred
-    assert infer_padding_side(mask) == side
-    assert mask[0].sum() == 0 and mask[1].sum() == 5
-    if side == "right":
-        assert mask[2].tolist() == [1, 1, 0, 0, 0]
-    else:
-        assert mask[2].tolist() == [0, 0, 0, 1, 1]
-
-
-def test_mask_codec_matches_a_tokenizer_style_mask():
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    assert mask_to_lengths(mask).tolist() == [3, 1]
-
-
-@pytest.mark.parametrize(
-    "mask, side",
-    [
-        ([[1, 0, 1, 1]], None),  # hole in the middle
-        ([[0, 1, 1, 0]], None),  # pads on both sides
-        ([[1, 1, 0, 0], [0, 0, 1, 1]], None),  # rows padded on different sides
-        ([[0, 0, 1, 1]], "right"),  # wrong side for the declared padding
-        ([[1, 2, 0, 0]], None),  # not 0/1
-    ],
-)
-def test_mask_that_lengths_cannot_encode_raises(mask, side):
-    with pytest.raises(WireError):
-        mask_to_lengths(torch.tensor(mask), side)
-
-
-def test_lengths_validation():
-    with pytest.raises(WireError, match="outside"):
-        lengths_to_mask(torch.tensor([6]), 5, "right")
-    with pytest.raises(WireError, match="padding_side"):
-        lengths_to_mask(torch.tensor([1]), 5, "middle")
-
-
-def test_position_ids():
-    lengths = torch.tensor([0, 3, 5])
-    right = position_ids_from_lengths(lengths, 5, "right")
-    left = position_ids_from_lengths(lengths, 5, "left")
-    assert right.tolist() == [[0, 1, 2, 3, 4]] * 3
-    assert left.tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
-    # Real tokens are numbered 0..len-1 on either side.
-    for side, pos in (("right", right), ("left", left)):
-        mask = lengths_to_mask(lengths, 5, side).bool()
-        for i, n in enumerate(lengths.tolist()):
-            assert pos[i][mask[i]].tolist() == list(range(n))

@@ -8,8 +8,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from fedsea_hpc.config import Config
-from fedsea_hpc.engine.outputs import write_json
+from fedsea_hpc.config import RunConfig, TrainConfig
+from fedsea_hpc.components.outputs import write_json
 from fedsea_hpc.transport.wire import Kind
 
 # Per-step phase times (seconds, max over ranks): what each role spent computing and waiting.
@@ -19,15 +19,15 @@ PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients
 
 
 class MetricsLog:
-    def __init__(self, cfg: Config, *, enabled: bool):
-        self.cfg, self.enabled = cfg, enabled
+    def __init__(self, run: RunConfig, train: TrainConfig, *, enabled: bool):
+        self.run, self.train, self.enabled = run, train, enabled
         self.rows: list[dict] = []
         if not enabled:
             return
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        self.file = open(os.path.join(cfg.run.output_dir, "metrics.jsonl"), "w")
-        self.bar = tqdm(total=cfg.train.steps, desc=f"train[{cfg.train.mode}]", unit="step",
-                        disable=not cfg.run.progress, file=sys.stderr, dynamic_ncols=True)
+        os.makedirs(run.output_dir, exist_ok=True)
+        self.file = open(os.path.join(run.output_dir, "metrics.jsonl"), "w")
+        self.bar = tqdm(total=train.steps, desc=f"train[{train.mode}]", unit="step",
+                        disable=not run.progress, file=sys.stderr, dynamic_ncols=True)
 
     def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor) -> None:
         """Record one step from the world-reduced vectors (sums: loss, tokens, samples, bytes…)."""
@@ -50,8 +50,8 @@ class MetricsLog:
         self.file.flush()
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", s_per_step=f"{row['step_time_s']:.3f}")
-        if not self.cfg.run.progress and (step + 1) % self.cfg.run.log_every == 0:
-            print(f"step {step + 1}/{self.cfg.train.steps} loss {row['loss']:.4f} "
+        if not self.run.progress and (step + 1) % self.run.log_every == 0:
+            print(f"step {step + 1}/{self.train.steps} loss {row['loss']:.4f} "
                   f"step_time {row['step_time_s']:.3f}s bytes {row['bytes_sent']}", flush=True)
 
     def finish(self, wall_s: float, extra: dict | None = None) -> dict | None:
@@ -63,7 +63,7 @@ class MetricsLog:
         # The first steps include one-off warm-up (allocator, thread pools): report both.
         steady = rows[min(2, len(rows) - 1):]
         summary = {
-            "mode": self.cfg.train.mode,
+            "mode": self.train.mode,
             "steps": len(rows),
             "first_loss": rows[0]["loss"],
             "final_loss": rows[-1]["loss"],
@@ -77,9 +77,9 @@ class MetricsLog:
                                    for k in rows[0]["bytes_sent_by_kind"]},
             **(extra or {}),
         }
-        write_json(os.path.join(self.cfg.run.output_dir, "summary.json"), summary)
+        write_json(os.path.join(self.run.output_dir, "summary.json"), summary)
         print(f"done: {summary['steps']} steps in {wall_s:.1f}s, loss {summary['first_loss']:.4f} -> "
               f"{summary['final_loss']:.4f}, {summary['mean_step_time_s'] * 1000:.1f} ms/step, "
-              f"{summary['bytes_sent_total'] / 2**20:.2f} MiB sent; outputs in {self.cfg.run.output_dir}",
+              f"{summary['bytes_sent_total'] / 2**20:.2f} MiB sent; outputs in {self.run.output_dir}",
               flush=True)
         return summary

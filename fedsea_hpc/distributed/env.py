@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -39,6 +40,12 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchInfo:
             local = env.get(lr) or env.get("PMI_LOCAL_RANK") or "0"
             return LaunchInfo(name, rank, world, int(local))
     return LaunchInfo("none", 0, 1, 0)
+
+
+def say(line: str) -> None:
+    """One line to stderr in a single write: ranks sharing the launcher's pipe never interleave."""
+    sys.stderr.flush()
+    os.write(2, (line.rstrip("\n") + "\n").encode())
 
 
 def _free_port() -> int:

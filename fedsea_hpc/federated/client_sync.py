@@ -8,13 +8,10 @@ weight where they hold nothing, and one flat ``all_reduce`` does the rest.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from fedsea_hpc.federated.aggregate import allreduce_sum_
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+from fedsea_hpc.model.names import split_layer_name
 
 
 class ClientSync:
@@ -36,9 +33,9 @@ class ClientSync:
         by_suffix: dict[str, torch.Tensor] = {}
         others: list[str] = []
         for name, t in named:
-            m = _LAYER.match(name)
-            if m:
-                by_suffix.setdefault(m.group(2), t)
+            where = split_layer_name(name)
+            if where:
+                by_suffix.setdefault(where[1], t)
             else:
                 others.append(name)
         self.union_layers = list(union_layers)
@@ -49,8 +46,8 @@ class ClientSync:
                 self.slots.append((f"model.layers.{layer}.{suffix}", by_suffix[suffix].shape, li))
         self.slots += [(n, own[n].shape, -1) for n in sorted(others)]
         self.own = own
-        self.held_layers = [li for li, layer in enumerate(self.union_layers)
-                            if any(_LAYER.match(n) and int(_LAYER.match(n).group(1)) == layer for n in own)]
+        held = {where[0] for n in own if (where := split_layer_name(n))}
+        self.held_layers = [li for li, layer in enumerate(self.union_layers) if layer in held]
 
     def _reduce(self, tensors: dict[str, torch.Tensor], weight: float, average: bool) -> None:
         ref = next(iter(tensors.values()))

@@ -18,19 +18,16 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
+from fedsea_hpc.components.links import client_link
+from fedsea_hpc.components.outputs import write_text_atomically
 from fedsea_hpc.config import Config
 from fedsea_hpc.distributed.env import store_barrier
-from fedsea_hpc.engine.generate import load_adapter, new_cache, next_tokens, run_cached, step_context
-from fedsea_hpc.engine.outputs import write_json, write_text_atomically
+from fedsea_hpc.generate.decoding import new_cache, next_tokens
+from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
+from fedsea_hpc.model.adapters import load_adapter
 from fedsea_hpc.model.partition import build_part, client_layers
-from fedsea_hpc.privacy.noise import PrivateSender
-from fedsea_hpc.transport.p2p import ByteCounter, Channel
-
-# Summed over all ranks at the end (servers add zeros).
-STAT_KEYS = ("sequences", "new_tokens", "prompt_tokens", "decode_steps", "bytes_prompt", "bytes_decode",
-             "decode_row_tokens", "prompt_s", "decode_s", "server_forwards", "server_dummy_forwards")
+from fedsea_hpc.transport.p2p import ByteCounter
 
 
 class GenClient:
@@ -44,11 +41,7 @@ class GenClient:
         adapter = os.path.join(self.g.adapters_dir, f"client{self.index}") if self.g.adapters_dir else None
         self.model = load_adapter(self.part, adapter).eval()
         self.counter = ByteCounter()
-        channel = Channel(topo.server_of(self.index), counter=self.counter,
-                          max_bytes=int(cfg.comm.max_message_mb * 2**20), timeout_s=cfg.comm.timeout_s, device=device)
-        noise_gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + 7919 * (self.index + 1))
-        self.link = PrivateSender(channel, noise_std=cfg.privacy.noise_std if self.g.noise else 0.0,
-                                  generator=noise_gen)
+        self.link = client_link(topo, cfg.comm, cfg.privacy, cfg.run.seed, self.counter, device, noise=self.g.noise)
         self.sampler = torch.Generator().manual_seed(self.g.seed + self.index)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -65,9 +58,9 @@ class GenClient:
     def _logits(self, ids: torch.Tensor, lengths: torch.Tensor, past: int, cache) -> torch.Tensor:
         """A → server → C for new tokens ``ids`` [B, q]; returns the last position's logits [B, V]."""
         h = self.part.embed(ids)
-        ctx = step_context(self.part, h, lengths, past, cache, self.head_ids[0])  # before any cache update
-        h_b = self._exchange(run_cached(self.part, h, self.head_ids, ctx, cache))
-        out = run_cached(self.part, h_b, self.tail_ids, ctx, cache)
+        ctx = self.part.context(h, lengths, "left", past=past, cache=cache)  # before any cache update
+        h_b = self._exchange(self.part.run_layers(h, self.head_ids, ctx, cache=cache))
+        out = self.part.run_layers(h_b, self.tail_ids, ctx, cache=cache)
         return self.part.head_logits(out[:, -1:])[:, 0]
 
     def run_batch(self, prompts) -> list[dict]:
@@ -82,7 +75,7 @@ class GenClient:
         before = self.counter.sent_total() + self.counter.recv_total()
         self.link.send_control(torch.tensor([b], dtype=torch.long), self.s)
         self.link.send_lengths(n, self.s)
-        cache = new_cache(self.part) if g.kv_cache else None
+        cache = new_cache(self.part.config) if g.kv_cache else None
         logits = self._logits(ids, n, 0, cache)
         t1 = time.perf_counter()
         mid = self.counter.sent_total() + self.counter.recv_total()
@@ -159,38 +152,3 @@ def run_client(cfg: Config, topo, source, tokenizer, prompts, dtype, device) -> 
     path = os.path.join(cfg.run.output_dir, f"generations-client{worker.index}.jsonl")
     write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return finish_stats(cfg, topo, device, worker.stats, wall)
-
-
-def finish_stats(cfg: Config, topo, device, stats: dict, wall: float) -> dict | None:
-    """World all-reduce of the counters; rank 0 prints and writes ``generate_summary.json``."""
-    sums = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    w = torch.tensor([wall], dtype=torch.float64, device=device)
-    dist.all_reduce(w, op=dist.ReduceOp.MAX)
-    dist.barrier()
-    if topo.rank != 0:
-        return None
-    s = dict(zip(STAT_KEYS, sums.tolist()))
-    wall = float(w)
-    new = max(s["new_tokens"], 1.0)
-    summary = {
-        "clients": topo.clients, "servers": topo.servers, "kv_cache": cfg.generate.kv_cache,
-        "noise_std": cfg.privacy.noise_std if cfg.generate.noise else 0.0,
-        "sequences": int(s["sequences"]), "prompt_tokens": int(s["prompt_tokens"]), "new_tokens": int(s["new_tokens"]),
-        "wall_s": wall, "tokens_per_s": s["new_tokens"] / wall if wall > 0 else 0.0,
-        # Mean wall time of one decode step of a client batch (every row gets one token per step).
-        "per_token_latency_s": s["decode_s"] / max(s["decode_steps"], 1.0),
-        "prompt_phase_s": s["prompt_s"], "decode_phase_s": s["decode_s"],
-        "bytes_total": int(s["bytes_prompt"] + s["bytes_decode"]),
-        "bytes_per_new_token": (s["bytes_prompt"] + s["bytes_decode"]) / new,
-        # Both directions, headers included, per token of one sequence in the decode phase:
-        # with the KV cache this is about 2·H·itemsize + headers/B, independent of the length.
-        "decode_bytes_per_token_per_sequence": s["bytes_decode"] / max(s["decode_row_tokens"], 1.0),
-        # Forward calls summed over server ranks; dummy ones kept ZeRO-3 in step on an idle rank.
-        "server_forwards": int(s["server_forwards"]), "server_dummy_forwards": int(s["server_dummy_forwards"]),
-    }
-    print(f"fedsea generate: {summary['sequences']} sequences, {summary['new_tokens']} new tokens in "
-          f"{wall:.2f} s ({summary['tokens_per_s']:.1f} tok/s), {summary['per_token_latency_s'] * 1e3:.1f} ms per "
-          f"decode step, {summary['decode_bytes_per_token_per_sequence']:.0f} B/token/sequence on the wire", flush=True)
-    write_json(os.path.join(cfg.run.output_dir, "generate_summary.json"), summary)
-    return summary

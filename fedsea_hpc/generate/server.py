@@ -22,13 +22,15 @@ import time
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.components.links import server_links
 from fedsea_hpc.config import Config
 from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.distributed.topology import Topology
-from fedsea_hpc.engine.gen_client import STAT_KEYS, finish_stats
-from fedsea_hpc.engine.generate import CachedPartB, load_adapter, new_cache
-from fedsea_hpc.model.partition import build_part, server_layers
-from fedsea_hpc.transport.p2p import ByteCounter, Channel
+from fedsea_hpc.generate.decoding import new_cache
+from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
+from fedsea_hpc.model.adapters import load_adapter
+from fedsea_hpc.model.partition import ServerSpans, build_part
+from fedsea_hpc.transport.p2p import ByteCounter
 
 
 def _left_pad(h: torch.Tensor, t: int) -> torch.Tensor:
@@ -40,45 +42,26 @@ class GenServer:
     def __init__(self, cfg: Config, topo: Topology, source, dtype: torch.dtype, device: torch.device):
         self.cfg, self.topo, self.dtype, self.device = cfg, topo, dtype, device
         g = cfg.generate
-        n_layers = source.config.num_hidden_layers
-        splits = [cfg.split_for(c) for c in range(cfg.topology.clients)]
-        self.layer_ids = server_layers(n_layers, splits)
-        self.spans = {c: (p, n_layers - q) for c, (p, q) in enumerate(splits)}
-        self.uniform = len(set(self.spans.values())) == 1
-        self.part = build_part(source, self.layer_ids, embed=False, head=False, dtype=dtype).to(device)
-        model = load_adapter(self.part, os.path.join(g.adapters_dir, "server") if g.adapters_dir else None)
-        self.net = CachedPartB(self.part, model).eval()
-        self.forward = self.net
+        self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, cfg.splits())
+        self.part = build_part(source, list(self.spans.layer_ids), embed=False, head=False, dtype=dtype).to(device)
+        # The module that owns the parameters (peft-wrapped when a LoRA adapter is loaded); its
+        # forward is PartModel.forward, one call per tick.
+        self.forward = load_adapter(self.part, os.path.join(g.adapters_dir, "server") if g.adapters_dir else None).eval()
         if cfg.deepspeed.zero_stage == 3:
             # Only ZeRO-3 shards parameters; stages 0-2 shard optimizer state, which inference has none of.
-            import deepspeed
+            from fedsea_hpc.components.engine import server_engine
 
-            from fedsea_hpc.distributed.deepspeed_glue import confine_to_group
-            from fedsea_hpc.distributed.topology import ServerMPU
-            from fedsea_hpc.engine.server import deepspeed_config
-
-            confine_to_group(topo.server_group, topo.server_ranks)
-            engine, *_ = deepspeed.initialize(model=self.net, mpu=ServerMPU(topo), config=deepspeed_config(cfg, dtype))
-            engine.eval()
-            self.forward = engine
+            self.forward = server_engine(self.forward, topo, cfg.deepspeed, dtype)
+            self.forward.eval()
         self.hidden = source.config.hidden_size
         self.counter = ByteCounter()
-        max_bytes = int(cfg.comm.max_message_mb * 2**20)
-        self.links = {c: Channel(c, counter=self.counter, max_bytes=max_bytes, timeout_s=cfg.comm.timeout_s,
-                                 device=device) for c in topo.clients_of(topo.rank)}
+        self.links = server_links(topo, cfg.comm, self.counter, device)
         self.s = dict.fromkeys(self.links, 0)  # per-client exchange counter (header step)
         self.running = list(self.links)  # clients that may still send batches
         self.round: list[dict] = []  # clients of the current round: {"c", "n" [B_c], "rows"}
         self.cache = None
         self.t = self.k = 0  # round's padded prompt length, decode steps so far
         self.ticks = self.dummy_ticks = 0
-
-    def _active_rows(self) -> dict[int, torch.Tensor] | None:
-        if self.uniform:
-            return None
-        owners = [e["c"] for e in self.round for _ in range(e["rows"])]
-        return {i: torch.tensor([self.spans[c][0] <= i < self.spans[c][1] for c in owners], device=self.device)
-                for i in self.layer_ids}
 
     def _receive(self) -> list[torch.Tensor]:
         """This tick's inputs, one per client of the round (updates the round)."""
@@ -94,7 +77,7 @@ class GenServer:
                 self.round.append({"c": c, "n": n.to(self.device), "rows": b})
             self.k = 0
             self.t = max((h.shape[1] for h in hs), default=0)
-            self.cache = new_cache(self.part) if hs and self.cfg.generate.kv_cache else None
+            self.cache = new_cache(self.part.config) if hs and self.cfg.generate.kv_cache else None
             return hs
         hs, keep, row = [], [], 0
         for e in list(self.round):
@@ -125,14 +108,15 @@ class GenServer:
         if not hs:  # keep ZeRO-3's collectives in step: one dummy row
             self.dummy_ticks += 1
             x = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
-            self.forward(x, torch.ones(1, dtype=torch.long, device=self.device), 0, None, None)
+            self.forward(x, torch.ones(1, dtype=torch.long, device=self.device), None, "left")
             return True
         n = torch.cat([e["n"] for e in self.round]) + self.k
         if self.cache is not None and self.k > 0:  # a decode step: [ΣB, 1, H] against the cache
             x, past = torch.cat(hs), self.t + self.k - 1
         else:  # the prompt, or (kv_cache=false) the whole sequence again
             x, past = torch.cat([_left_pad(h, self.t + self.k) for h in hs]), 0
-        out = self.forward(x.to(self.dtype), n, past, self.cache, self._active_rows())
+        owners = [e["c"] for e in self.round for _ in range(e["rows"])]
+        out = self.forward(x.to(self.dtype), n, self.spans.active_rows(owners, self.device), "left", past, self.cache)
         for e, h, o in zip(self.round, hs, out.split([e["rows"] for e in self.round])):
             c = e["c"]
             self.links[c].send_activation(o[:, o.shape[1] - h.shape[1]:], self.s[c])

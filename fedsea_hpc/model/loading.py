@@ -8,7 +8,6 @@ are Hugging Face's, so a rank owning layers {2, 3} asks for ``model.layers.{2,3}
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedsea_hpc.model.names import name_seed
 
 EMBED_KEY = "model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
@@ -124,8 +125,7 @@ class ModelSource:
             return torch.ones(shape)  # RMSNorm scale starts at 1, as in HF's init
         if src.endswith(".bias"):
             return torch.zeros(shape)
-        digest = hashlib.sha256(f"{self.seed}:{src}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        gen = torch.Generator().manual_seed(name_seed(self.seed, src))
         return torch.randn(shape, generator=gen) * self.config.initializer_range
 
 
@@ -134,7 +134,7 @@ def resolve_model(name_or_path: str, *, tiny_vocab_size: int, seed: int,
     """Resolve ``model.name_or_path`` ('tiny' | checkpoint dir | .gguf file | hub id).
 
     ``tiny_vocab_size``/``seed``/``tiny_overrides`` (kwargs of :func:`tiny_config`) are used for
-    'tiny' only. ``cache_dir`` holds GGUF conversions (default ``~/.cache/fedsea-hpc``) and hub
+    'tiny' only. ``cache_dir`` holds GGUF conversions (default ``~/.cache/fedsea``) and hub
     snapshots (default: the hub's own cache). Raises :class:`ModelLoadError`.
     """
     name = name_or_path
@@ -150,7 +150,7 @@ def resolve_model(name_or_path: str, *, tiny_vocab_size: int, seed: int,
     if path is not None and path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"model.name_or_path={name!r} is a file but not a .gguf file")
-        root = Path(cache_dir or Path.home() / ".cache" / "fedsea-hpc").expanduser()
+        root = Path(cache_dir or Path.home() / ".cache" / "fedsea").expanduser()
         st = path.stat()
         dest = root / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
         if not _is_complete(dest):

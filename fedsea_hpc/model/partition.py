@@ -3,28 +3,32 @@
 A :class:`PartModel` is a slice of ``LlamaForCausalLM`` that keeps Hugging Face's parameter
 names (``model.layers.7.self_attn.q_proj.weight``), so a rank loads exactly its own keys from a
 checkpoint and its LoRA adapters load onto the full model later. Layers are transformers' own
-``LlamaDecoderLayer`` / ``LlamaRMSNorm`` / ``LlamaRotaryEmbedding``; masks come from
-transformers' ``create_causal_mask`` fed with a 2D mask rebuilt from per-sample lengths.
+``LlamaDecoderLayer`` / ``LlamaRMSNorm`` / ``LlamaRotaryEmbedding``; masks and positions are
+rebuilt from per-sample lengths by :mod:`fedsea_hpc.model.masks`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
-from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from fedsea_hpc.transport.wire import lengths_to_mask
-
-IGNORE_INDEX = -100
+from fedsea_hpc.data.dataset import IGNORE_INDEX
+from fedsea_hpc.model.masks import attention_context
 
 
 def client_layers(num_layers: int, p: int, q: int) -> list[int]:
     """Block indices a client owns: Part A ``[0, p)`` and Part C ``[L-q, L)``."""
     return list(range(p)) + list(range(num_layers - q, num_layers))
+
+
+def client_union_layers(num_layers: int, splits: Iterable[tuple[int, int]]) -> list[int]:
+    """Blocks held by at least one client (sorted): what client FedAvg iterates over."""
+    return sorted({i for p, q in splits for i in client_layers(num_layers, p, q)})
 
 
 def server_layers(num_layers: int, splits: Iterable[tuple[int, int]]) -> list[int]:
@@ -36,6 +40,38 @@ def server_layers(num_layers: int, splits: Iterable[tuple[int, int]]) -> list[in
     lo = min(p for p, _ in splits)
     hi = max(num_layers - q for _, q in splits)
     return list(range(lo, hi))
+
+
+@dataclass(frozen=True)
+class ServerSpans:
+    """What the server group runs for each client: client ``c`` uses blocks ``[p_c, L - q_c)``.
+
+    Build with :meth:`from_splits`. ``layer_ids`` is the union the server group holds.
+    """
+
+    layer_ids: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]  # per client: [lo, hi) on the server
+
+    @classmethod
+    def from_splits(cls, num_layers: int, splits: Iterable[tuple[int, int]]) -> ServerSpans:
+        splits = list(splits)
+        return cls(tuple(server_layers(num_layers, splits)), tuple((p, num_layers - q) for p, q in splits))
+
+    @property
+    def uniform(self) -> bool:
+        """Every client uses the same span (no row ever skips a block)."""
+        return len(set(self.spans)) == 1
+
+    def active_rows(self, owners: list[int], device: torch.device) -> dict[int, torch.Tensor] | None:
+        """Per block, a bool [B] mask of the rows (by owning client) that go through it.
+
+        ``owners`` [B]: the client of each row of a client-batch. None when every row runs
+        every block (uniform spans, or a dummy batch with no owners).
+        """
+        if self.uniform or not owners:
+            return None
+        return {i: torch.tensor([lo <= i < hi for lo, hi in (self.spans[c] for c in owners)], device=device)
+                for i in self.layer_ids}
 
 
 def part_keys(config: LlamaConfig, layers: Iterable[int], *, embed: bool, head: bool,
@@ -99,35 +135,31 @@ class PartModel(nn.Module):
 
     # ------------------------------------------------------------------ compute
 
-    def masks(self, hidden: torch.Tensor, lengths: torch.Tensor, padding_side: str = "right"):
-        """Rebuild what attention needs from per-sample lengths.
-
-        Returns ``(mask, position_ids, position_embeddings)`` for ``hidden`` of shape [B, T, H];
-        ``mask`` is whatever transformers' ``create_causal_mask`` makes for the configured kernel.
-        """
-        b, t = hidden.shape[:2]
-        mask2d = lengths_to_mask(lengths, t, padding_side).to(hidden.device)
-        position_ids = torch.arange(t, device=hidden.device).unsqueeze(0).expand(b, -1)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d,
-                                  cache=None, position_ids=position_ids)
-        return mask, position_ids, self.model.rotary_emb(hidden, position_ids=position_ids)
+    def context(self, hidden: torch.Tensor, lengths: torch.Tensor, padding_side: str = "right", *,
+                past: int = 0, cache=None):
+        """``(mask, position_ids, position_embeddings)`` for ``hidden`` [B, q, H], rebuilt from
+        ``lengths`` [B] (see :func:`fedsea_hpc.model.masks.attention_context`)."""
+        return attention_context(self.config, self.model.rotary_emb, hidden, lengths, padding_side,
+                                 past=past, cache=cache, layer_idx=self.layer_ids[0])
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids → [B, T, H] embeddings."""
         return self.model.embed_tokens(input_ids)
 
     def run_layers(self, hidden: torch.Tensor, layer_ids: Iterable[int], ctx,
-                   active: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                   active: dict[int, torch.Tensor] | None = None, cache=None) -> torch.Tensor:
         """Run blocks ``layer_ids`` in order on [B, T, H] hidden states.
 
         ``active`` optionally maps a layer to a bool [B] row mask: rows outside it pass through
         unchanged (clients with other partition points share one server batch). The layer still
         runs on every row, so every server rank touches every layer in lockstep (ZeRO-3).
+        ``cache`` (a ``DynamicCache``, generation only) gets these blocks' keys and values
+        appended; a row outside a block never reads that block's entries.
         """
         mask, position_ids, pos_emb = ctx
         for i in layer_ids:
-            out = self.model.layers[str(i)](hidden, attention_mask=mask, position_ids=position_ids,
-                                            position_embeddings=pos_emb)
+            out = self.model.layers[str(i)](hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
+                                            use_cache=cache is not None, position_embeddings=pos_emb)
             rows = None if active is None else active.get(i)
             hidden = out if rows is None else torch.where(rows[:, None, None], out, hidden)
         return hidden
@@ -136,10 +168,15 @@ class PartModel(nn.Module):
         """[B, T, H] → [B, T, V] logits (norm + lm_head)."""
         return self.lm_head(self.model.norm(hidden))
 
-    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor,
-                active: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """Server entry point (what DeepSpeed's engine calls): all owned blocks on [B, T, H]."""
-        return self.run_layers(hidden, self.layer_ids, self.masks(hidden, lengths), active)
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor, active: dict[int, torch.Tensor] | None = None,
+                padding_side: str = "right", past: int = 0, cache=None) -> torch.Tensor:
+        """Server entry point (what DeepSpeed's engine calls): all owned blocks on [B, q, H].
+
+        Training: right-padded whole sequences. Generation: left-padded, the last q positions of
+        ``past + q`` against ``cache``. One module call, so ZeRO-3 gathers the parameters.
+        """
+        ctx = self.context(hidden, lengths, padding_side, past=past, cache=cache)
+        return self.run_layers(hidden, self.layer_ids, ctx, active, cache)
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,31 +6,15 @@ math; ``PrivateSender`` is a thin wrapper around a transport ``Channel`` that ap
 outgoing activations/gradients (privacy wraps the transport, it is not woven into it).
 
 The paper states its default noise, 0.02, as the mean absolute value of ε; for a Gaussian
-E|ε| = σ·sqrt(2/π), so that default is σ = 0.02·sqrt(π/2) ≈ 0.0251.
+E|ε| = σ·sqrt(2/π), so that default is σ = 0.02·sqrt(π/2) ≈ 0.0251 (``config.PAPER_NOISE_SIGMA``,
+the default of ``privacy.noise_std``).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from fedsea_hpc.transport.wire import Kind
-
-
-def sigma_from_mean_abs(mean_abs: float) -> float:
-    """σ of a zero-mean Gaussian whose mean |ε| is ``mean_abs`` (σ = m·sqrt(π/2))."""
-    if mean_abs < 0:
-        raise ValueError(f"mean_abs {mean_abs} is negative")
-    return mean_abs * math.sqrt(math.pi / 2)
-
-
-def mean_abs_from_sigma(sigma: float) -> float:
-    """Mean |ε| of N(0, σ²) (m = σ·sqrt(2/π))."""
-    if sigma < 0:
-        raise ValueError(f"sigma {sigma} is negative")
-    return sigma * math.sqrt(2 / math.pi)
 
 
 def gaussian_noise_like(
@@ -115,38 +99,6 @@ def privatize_gradient(
     return add_noise(clip_per_sample(g, clip), std, generator)
 
 
-@dataclass
-class NoiseStats:
-    """Running moments of every noise element added, in float64 (for reports/benchmarks)."""
-
-    count: int = 0
-    sum: float = 0.0
-    sum_sq: float = 0.0
-    sum_abs: float = 0.0
-
-    def update(self, eps: torch.Tensor) -> None:
-        e = eps.detach().to(torch.float64)
-        self.count += e.numel()
-        self.sum += float(e.sum())
-        self.sum_sq += float(e.square().sum())
-        self.sum_abs += float(e.abs().sum())
-
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
-
-    @property
-    def std(self) -> float:
-        """Population std of the noise (empirical σ)."""
-        if not self.count:
-            return 0.0
-        return math.sqrt(max(self.sum_sq / self.count - self.mean**2, 0.0))
-
-    @property
-    def mean_abs(self) -> float:
-        return self.sum_abs / self.count if self.count else 0.0
-
-
 class PrivateSender:
     """Wrap a channel so activations and gradients are noised before they are sent.
 
@@ -186,8 +138,6 @@ class PrivateSender:
         self.grad_clip = grad_clip
         self.grad_noise_std = grad_noise_std
         self.generator = generator
-        self.activation_stats = NoiseStats()
-        self.gradient_stats = NoiseStats()
 
     def __getattr__(self, name: str):
         # Only called for attributes not found on the wrapper: delegate to the channel.
@@ -198,18 +148,10 @@ class PrivateSender:
     def privatize(self, kind: Kind, tensor: torch.Tensor) -> torch.Tensor:
         """What would be sent for ``tensor``: noised/clipped for activations/gradients only."""
         if kind == Kind.ACTIVATION:
-            return self._noised(tensor, self.noise_std, self.activation_stats)
+            return add_noise(tensor, self.noise_std, self.generator)
         if kind == Kind.GRADIENT:
-            clipped = clip_per_sample(tensor, self.grad_clip)
-            return self._noised(clipped, self.grad_noise_std, self.gradient_stats)
+            return privatize_gradient(tensor, self.grad_clip, self.grad_noise_std, self.generator)
         return tensor
-
-    def _noised(self, t: torch.Tensor, std: float, stats: NoiseStats) -> torch.Tensor:
-        if std == 0:
-            return t.detach()
-        eps = gaussian_noise_like(t, std, self.generator)  # fresh every call
-        stats.update(eps)
-        return t.detach() + eps
 
     def send(self, kind: Kind, tensor: torch.Tensor, step: int) -> None:
         """Send through the channel after ``privatize``."""

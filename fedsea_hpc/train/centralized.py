@@ -11,28 +11,28 @@ import time
 
 import torch
 
+from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
+from fedsea_hpc.components.outputs import save_atomically
 from fedsea_hpc.config import Config
 from fedsea_hpc.data.dataset import ClientData, concat_batches
-from fedsea_hpc.engine.metrics import BYTE_KEYS, PHASES, MetricsLog
-from fedsea_hpc.engine.outputs import save_atomically
-from fedsea_hpc.model.lora import apply_lora, save_adapter, trainable
+from fedsea_hpc.model.adapters import save_adapter
+from fedsea_hpc.model.lora import apply_lora, trainable
+from fedsea_hpc.model.masks import lengths_to_mask
 from fedsea_hpc.model.partition import loss_sum
-from fedsea_hpc.transport.wire import lengths_to_mask
 
 
 def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.comm.backend != "gloo" else "cpu")
     model = source.build_model().to(device=device, dtype=dtype)
     model.config._attn_implementation = cfg.model.attn_implementation
-    model = apply_lora(model, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha, dropout=cfg.peft.lora_dropout,
-                       target_modules=cfg.peft.target_modules, seed=cfg.run.seed)
+    model = apply_lora(model, cfg.peft, cfg.run.seed)
     model.train()
     params = trainable(model)
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     datas = [ClientData(cfg.data.train_files, c, cfg.topology.clients, tokenizer, cfg.train.seq_len, cfg.run.seed)
              for c in range(cfg.topology.clients)]
     streams = [d.batches(cfg.train.micro_batch_size) for d in datas]
-    log = MetricsLog(cfg, enabled=True)
+    log = MetricsLog(cfg.run, cfg.train, enabled=True)
     t_start = time.perf_counter()
     for step in range(cfg.train.steps):
         t0 = time.perf_counter()

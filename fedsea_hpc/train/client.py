@@ -10,22 +10,14 @@ import time
 
 import torch
 
+from fedsea_hpc.components.links import client_link
 from fedsea_hpc.config import Config
 from fedsea_hpc.data.dataset import ClientData
 from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.federated.client_sync import ClientSync
 from fedsea_hpc.model.lora import apply_lora, trainable
-from fedsea_hpc.model.partition import build_part, client_layers, loss_sum
-from fedsea_hpc.privacy.noise import PrivateSender
-from fedsea_hpc.transport.p2p import ByteCounter, Channel
-
-
-def client_union_layers(cfg: Config, num_layers: int) -> list[int]:
-    """Blocks held by at least one client (sorted): what client FedAvg iterates over."""
-    held = set()
-    for c in range(cfg.topology.clients):
-        held.update(client_layers(num_layers, *cfg.split_for(c)))
-    return sorted(held)
+from fedsea_hpc.model.partition import build_part, client_layers, client_union_layers, loss_sum
+from fedsea_hpc.transport.p2p import ByteCounter
 
 
 class ClientWorker:
@@ -38,24 +30,16 @@ class ClientWorker:
         self.head_ids = list(range(p))
         self.tail_ids = list(range(n_layers - q, n_layers))
         self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).to(device)
-        self.model = apply_lora(self.part, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha,
-                                dropout=cfg.peft.lora_dropout, target_modules=cfg.peft.target_modules,
-                                seed=cfg.run.seed)
+        self.model = apply_lora(self.part, cfg.peft, cfg.run.seed)
         self.model.train()
         self.params = trainable(self.model)
         self.opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay)
-        channel = Channel(topo.server_of(self.index), counter=counter,
-                          max_bytes=int(cfg.comm.max_message_mb * 2**20), timeout_s=cfg.comm.timeout_s,
-                          device=device)
-        # A per-rank generator: noise is fresh every step and independent across clients.
-        gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 7919 * (self.index + 1))
-        self.link = PrivateSender(channel, noise_std=cfg.privacy.noise_std, grad_clip=cfg.privacy.grad_clip,
-                                  grad_noise_std=cfg.privacy.grad_noise_std, generator=gen)
+        self.link = client_link(topo, cfg.comm, cfg.privacy, cfg.run.seed, counter, device)
         self.data = ClientData(cfg.data.train_files, self.index, cfg.topology.clients, tokenizer,
                                cfg.train.seq_len, cfg.run.seed)
         self.batches = self.data.batches(cfg.train.micro_batch_size)
-        self.sync = ClientSync(self.params, client_union_layers(cfg, n_layers), topo.client_group)
+        self.sync = ClientSync(self.params, client_union_layers(n_layers, cfg.splits()), topo.client_group)
         self.samples_since_avg = 0
 
     def next_batch(self):
@@ -70,7 +54,7 @@ class ClientWorker:
         """
         t0 = time.perf_counter()
         h0 = self.part.embed(batch.input_ids)
-        ctx = self.part.masks(h0, batch.lengths)
+        ctx = self.part.context(h0, batch.lengths)  # right-padded, from lengths alone
         h_a = self.part.run_layers(h0, self.head_ids, ctx)
         self.link.send_lengths(batch.lengths, step)
         self.link.send_activation(h_a, step)  # noised copy; h_a keeps its clean graph

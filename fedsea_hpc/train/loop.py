@@ -12,13 +12,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
+from fedsea_hpc.components.outputs import save_atomically
 from fedsea_hpc.config import Config
 from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.distributed.topology import Role, Topology
-from fedsea_hpc.engine.client import ClientWorker
-from fedsea_hpc.engine.metrics import BYTE_KEYS, PHASES, MetricsLog
-from fedsea_hpc.engine.outputs import save_atomically
-from fedsea_hpc.model.lora import save_adapter
+from fedsea_hpc.model.adapters import save_adapter
+from fedsea_hpc.train.client import ClientWorker
 from fedsea_hpc.transport.p2p import ByteCounter
 
 
@@ -38,10 +38,10 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     if topo.role is Role.CLIENT:
         worker = ClientWorker(cfg, topo, source, tokenizer, counter, dtype, device)
     else:
-        from fedsea_hpc.engine.server import ServerWorker  # DeepSpeed is imported on servers only
+        from fedsea_hpc.train.server import ServerWorker  # DeepSpeed is imported on servers only
 
         worker = ServerWorker(cfg, topo, source, counter, dtype, device)
-    log = MetricsLog(cfg, enabled=topo.rank == 0)
+    log = MetricsLog(cfg.run, cfg.train, enabled=topo.rank == 0)
     parallel = cfg.train.mode == "parallel"
     avg_every = cfg.federated.avg_every
     fedsgd = parallel and avg_every == 1

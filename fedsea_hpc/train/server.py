@@ -12,66 +12,31 @@ from __future__ import annotations
 import os
 import time
 
-import deepspeed
 import torch
 
+from fedsea_hpc.components.engine import server_engine
+from fedsea_hpc.components.links import server_links
 from fedsea_hpc.config import Config
-from fedsea_hpc.distributed.deepspeed_glue import confine_to_group
-from fedsea_hpc.distributed.topology import ServerMPU, Topology
+from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.model.lora import apply_lora, trainable
-from fedsea_hpc.model.partition import build_part, server_layers
-from fedsea_hpc.transport.p2p import ByteCounter, Channel
-
-
-def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
-    conf = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        # DeepSpeed 0.19.8 clips at 1.0 unless told otherwise; clipping only the server's share
-        # of the gradient would silently change the optimisation problem.
-        "gradient_clipping": 0.0,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    conf.update(cfg.deepspeed.extra)
-    return conf
+from fedsea_hpc.model.partition import ServerSpans, build_part
+from fedsea_hpc.transport.p2p import ByteCounter
 
 
 class ServerWorker:
     def __init__(self, cfg: Config, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype,
                  device: torch.device):
         self.cfg, self.topo, self.dtype, self.device = cfg, topo, dtype, device
-        n_layers = source.config.num_hidden_layers
-        splits = [cfg.split_for(c) for c in range(cfg.topology.clients)]
-        self.layer_ids = server_layers(n_layers, splits)
-        # Blocks client c actually uses on the server: [p_c, L - q_c).
-        self.spans = {c: (p, n_layers - q) for c, (p, q) in enumerate(splits)}
-        self.uniform = len(set(self.spans.values())) == 1
-        part = build_part(source, self.layer_ids, embed=False, head=False, dtype=dtype).to(device)
-        model = apply_lora(part, r=cfg.peft.lora_r, alpha=cfg.peft.lora_alpha, dropout=cfg.peft.lora_dropout,
-                           target_modules=cfg.peft.target_modules, seed=cfg.run.seed)
-        self.params = trainable(model)
+        # Blocks client c actually uses on the server: [p_c, L - q_c); the group holds the union.
+        self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, cfg.splits())
+        part = build_part(source, list(self.spans.layer_ids), embed=False, head=False, dtype=dtype).to(device)
+        self.model = apply_lora(part, cfg.peft, cfg.run.seed)
+        self.params = trainable(self.model)
         optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay)
-        confine_to_group(topo.server_group, topo.server_ranks)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=ServerMPU(topo),
-                                               config=deepspeed_config(cfg, dtype))
-        self.model = model
+        self.engine = server_engine(self.model, topo, cfg.deepspeed, dtype, optimizer)
         self.hidden = source.config.hidden_size
-        max_bytes = int(cfg.comm.max_message_mb * 2**20)
-        self.links = {c: Channel(c, counter=counter, max_bytes=max_bytes, timeout_s=cfg.comm.timeout_s, device=device)
-                      for c in topo.clients_of(topo.rank)}
-
-    def _active_rows(self, owners: list[int]) -> dict[int, torch.Tensor] | None:
-        """Per layer, which rows (by owning client) must go through it; None when all do."""
-        if self.uniform or not owners:
-            return None
-        return {i: torch.tensor([self.spans[c][0] <= i < self.spans[c][1] for c in owners], device=self.device)
-                for i in self.layer_ids}
+        self.links = server_links(topo, cfg.comm, counter, device)
 
     def serve(self, clients: list[int], step: int, times: dict) -> None:
         """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
@@ -89,7 +54,7 @@ class ServerWorker:
             x = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
             lengths, owners = torch.ones(1, dtype=torch.long, device=self.device), []
         x = x.to(self.dtype).requires_grad_(True)
-        out = self.engine(x, lengths, self._active_rows(owners))
+        out = self.engine(x, lengths, self.spans.active_rows(owners, self.device))
         rows = [h.shape[0] for _, _, h in recv]  # each client's slice of the client-batch
         for (c, _, h), o in zip(recv, out.detach().split(rows) if recv else ()):
             self.links[c].send_activation(o[:, :h.shape[1]], step)

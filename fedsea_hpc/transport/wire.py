@@ -1,4 +1,4 @@
-"""Wire format of one point-to-point message, and the attention-mask codec.
+"""Wire format of one point-to-point message.
 
 Every message is a fixed-size int64 header followed by the raw payload bytes::
 
@@ -8,8 +8,8 @@ The header has a fixed length so the receiver can always post its first ``irecv`
 anything; it then validates the header *before* allocating the payload buffer, so a corrupt or
 hostile peer cannot make it allocate an absurd amount of memory or misinterpret bytes.
 
-The attention mask never crosses the wire: only per-sample lengths (``[B]`` int64) do, and each
-side rebuilds its HF-style ``[B, T]`` mask and position ids locally (FedSEA's mask compression).
+The attention mask never crosses the wire: only per-sample lengths (``[B]`` int64, kind
+``LENGTHS``) do; each side rebuilds masks and positions with :mod:`fedsea_hpc.model.masks`.
 
 This module is pure (no ``torch.distributed``) so it is unit-testable in one process.
 """
@@ -27,7 +27,6 @@ VERSION = 1
 HEADER_LEN = 12
 HEADER_BYTES = HEADER_LEN * 8  # int64 elements
 MAX_NDIM = 4
-PADDING_SIDES = ("left", "right")
 
 # Header field offsets; named so encode and decode cannot drift apart.
 _F_MAGIC, _F_VERSION, _F_KIND, _F_STEP, _F_DTYPE, _F_NDIM = 0, 1, 2, 3, 4, 5
@@ -49,7 +48,7 @@ _CODE_BY_DTYPE: dict[torch.dtype, int] = {d: c for c, d in _DTYPE_BY_CODE.items(
 
 
 class WireError(ValueError):
-    """A message, header or mask that violates the wire protocol."""
+    """A message or header that violates the wire protocol."""
 
 
 class Kind(enum.IntEnum):
@@ -190,107 +189,3 @@ def bytes_to_tensor(buf: torch.Tensor, header: Header) -> torch.Tensor:
             f"payload buffer {buf.dtype}{list(buf.shape)} does not hold {header.nbytes} bytes"
         )
     return buf.view(header.dtype).view(header.shape)
-
-
-# ----------------------------------------------------------------------------- mask codec
-
-
-def _check_side(padding_side: str) -> None:
-    if padding_side not in PADDING_SIDES:
-        raise WireError(f"padding_side {padding_side!r} is not one of {PADDING_SIDES}")
-
-
-def _check_lengths(lengths: torch.Tensor, seq_len: int) -> None:
-    if lengths.dim() != 1:
-        raise WireError(f"lengths must be 1-d [B], got shape {list(lengths.shape)}")
-    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len):
-        raise WireError(f"lengths {lengths.tolist()} outside 0..{seq_len}")
-
-
-def lengths_to_mask(lengths: torch.Tensor, seq_len: int, padding_side: str) -> torch.Tensor:
-    """Rebuild the HF-style padding mask: ``lengths`` ``[B]`` (each in ``0..T``) -> ``[B, T]``.
-
-    Returns int64 on ``lengths.device``, 1 = real token, 0 = pad, pads on ``padding_side``
-    ('right' or 'left'); ``seq_len`` is T.
-    """
-    _check_side(padding_side)
-    _check_lengths(lengths, seq_len)
-    pos = torch.arange(seq_len, device=lengths.device).unsqueeze(0)  # [1, T]
-    lens = lengths.to(torch.int64).unsqueeze(1)  # [B, 1]
-    if padding_side == "right":
-        mask = pos < lens
-    else:
-        mask = pos >= seq_len - lens
-    return mask.to(torch.int64)
-
-
-def _fits(mask: torch.Tensor, lengths: torch.Tensor, side: str) -> bool:
-    return bool(torch.equal(mask, lengths_to_mask(lengths, mask.shape[1], side)))
-
-
-def mask_to_lengths(mask: torch.Tensor, padding_side: str | None = None) -> torch.Tensor:
-    """Compress a ``[B, T]`` 0/1 mask (any int/bool dtype) to ``[B]`` int64 lengths.
-
-    ``padding_side`` ('right'/'left') if given must fit every row; if None, the whole batch must
-    fit one side (the receiver learns one side per batch, not per row).
-
-    Raises
-    ------
-    WireError
-        If the mask is not 0/1, or a row is not one run of ones flush with that side (a hole,
-        or pads on both ends): lengths could not reproduce it.
-    """
-    if mask.dim() != 2:
-        raise WireError(f"mask must be 2-d [B, T], got shape {list(mask.shape)}")
-    m = mask.to(torch.int64)
-    if m.numel() and (int(m.min()) < 0 or int(m.max()) > 1):
-        raise WireError("mask has values other than 0 and 1")
-    lengths = m.sum(dim=1)
-    sides = PADDING_SIDES if padding_side is None else (padding_side,)
-    for side in sides:
-        _check_side(side)
-        if _fits(m, lengths, side):
-            return lengths
-    bad = [
-        i
-        for i in range(m.shape[0])
-        if not any(_fits(m[i : i + 1], lengths[i : i + 1], s) for s in sides)
-    ]
-    which = f"row {bad[0]}" if bad else "rows padded on different sides"
-    raise WireError(
-        f"mask is not contiguous {'/'.join(sides)}-padded ({which}): lengths cannot encode it"
-    )
-
-
-def infer_padding_side(mask: torch.Tensor) -> str:
-    """Return 'right' or 'left' for a ``[B, T]`` mask (right wins when both fit, e.g. no pads).
-
-    Raises
-    ------
-    WireError
-        If neither side reproduces the mask (see ``mask_to_lengths``).
-    """
-    lengths = mask_to_lengths(mask)
-    return "right" if _fits(mask.to(torch.int64), lengths, "right") else "left"
-
-
-def position_ids_from_lengths(
-    lengths: torch.Tensor, seq_len: int, padding_side: str
-) -> torch.Tensor:
-    """Position ids matching ``lengths_to_mask``: real tokens are always ``0..len-1``.
-
-    Right padding: plain ``arange(T)`` per row (real tokens come first; pads continue counting,
-    harmless because they are masked, and this is what HF does without a mask).
-    Left padding: real tokens start at 0 after the pads, and pads get 0. HF's ``generate`` puts 1
-    on pads; any in-range value works since pads are masked out, and 0 keeps ids ``>= 0`` for
-    every rotary table.
-
-    ``lengths`` ``[B]`` int64 -> ``[B, T]`` int64 on ``lengths.device`` (T = ``seq_len``).
-    """
-    _check_side(padding_side)
-    _check_lengths(lengths, seq_len)
-    pos = torch.arange(seq_len, device=lengths.device).unsqueeze(0)  # [1, T]
-    if padding_side == "right":
-        return pos.expand(lengths.shape[0], seq_len).clone()
-    start = seq_len - lengths.to(torch.int64).unsqueeze(1)  # [B, 1] index of first real token
-    return (pos - start).clamp_min(0)

@@ -1,0 +1,64 @@
+"""Everything a job needs before its ranks talk: config, topology, tokenizer, model source.
+
+All of it can fail on bad input, and none of it communicates, so every rank fails alike with
+the same one-line ``ValueError`` (``ConfigError``, ``ModelLoadError``, ``DataError``) and the
+command line turns it into exit code 2 before anyone waits in a collective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedsea_hpc.config import Config, ConfigError, check_world_size, load_config, validate
+from fedsea_hpc.distributed.env import LaunchInfo, say
+from fedsea_hpc.stack import ALLOW_ENV, check_stack
+
+
+@dataclass
+class Job:
+    """One rank's view of a job, ready to start. ``topo`` is None for ``train.mode=centralized``."""
+
+    cfg: Config
+    topo: object | None  # Topology
+    source: object  # ModelSource
+    tokenizer: object
+    dtype: object  # torch.dtype
+
+
+def load_job_config(config_path: str | None, overrides: list[str], launch: LaunchInfo, job: str) -> Config:
+    """Library versions, config and world size only: cheap, so every rank reports a bad key
+    within a fraction of a second, before a launcher can tear the job down because one rank
+    already left."""
+    for warning in check_stack():
+        if launch.rank == 0:
+            say(f"fedsea: warning: {warning} (running untested: {ALLOW_ENV}=1)")
+    cfg = load_config(config_path, overrides)
+    if job == "train" and cfg.train.mode == "centralized":
+        if launch.world_size != 1:
+            raise ConfigError(f"train.mode: centralized runs in one process, but the launcher started "
+                              f"{launch.world_size}; run it without mpiexec or with -n 1")
+    else:
+        check_world_size(cfg.topology.clients, cfg.topology.servers, launch.world_size)
+    return cfg
+
+
+def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
+    """Tokenizer, model source (config and tensor index only) and the split points checked."""
+    import torch
+
+    from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE, load_tokenizer
+    from fedsea_hpc.distributed.topology import Topology
+    from fedsea_hpc.model.loading import resolve_model
+
+    centralized = job == "train" and cfg.train.mode == "centralized"
+    topo = None if centralized else Topology(cfg.topology.clients, cfg.topology.servers, launch.rank,
+                                             launch.world_size)
+    m = cfg.model
+    tokenizer = load_tokenizer(m.name_or_path, cache_dir=m.cache_dir or None)
+    source = resolve_model(m.name_or_path, tiny_vocab_size=TINY_VOCAB_SIZE, seed=cfg.run.seed,
+                           cache_dir=m.cache_dir or None,
+                           tiny_overrides=dict(hidden_size=m.tiny_hidden_size, num_hidden_layers=m.tiny_layers,
+                                               num_attention_heads=m.tiny_heads, num_key_value_heads=m.tiny_kv_heads,
+                                               intermediate_size=m.tiny_intermediate_size))
+    source.config._attn_implementation = m.attn_implementation
+    validate(cfg, num_layers=source.config.num_hidden_layers)
+    return Job(cfg, topo, source, tokenizer, getattr(torch, m.dtype))

@@ -1,0 +1,111 @@
+"""A rank's life as a process: torch threads, process-group start, and how it ends.
+
+Once ranks talk to each other, any exception prints ``[rank r] fatal: ...`` and ends the process
+at once, so the launcher tears the job down and peers see a closed connection rather than
+waiting forever. A finished distributed rank skips Python's teardown (see :func:`exit_now`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+from typing import Callable
+
+from fedsea_hpc.distributed.env import LaunchInfo, say, setup_torch_env
+from fedsea_hpc.distributed.topology import Role, Topology
+
+
+def threads_for(launch: LaunchInfo, topo: Topology | None) -> int:
+    """Torch threads for this rank: ``OMP_NUM_THREADS`` if set, else a share of the cores.
+
+    In the split schedule clients and servers take turns (a client waits while the server runs
+    its blocks, and the other way round), so on a node that holds the whole job a server rank may
+    use ``cores // servers`` threads and a client ``cores // clients`` without oversubscribing.
+    Spread over several nodes, ranks get an equal share of their node.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+                or os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE")
+                or launch.world_size)
+    if topo is not None and local == launch.world_size:
+        share = topo.servers if topo.role is Role.SERVER else topo.clients
+    else:
+        share = local
+    return max(1, cores // max(share, 1))
+
+
+def start(launch: LaunchInfo, topo: Topology, backend: str, timeout_s: float):
+    """Start torch.distributed and every process group; return this rank's compute device.
+
+    ``backend`` is ``comm.backend``: 'auto' picks NCCL when a GPU is visible, else gloo. Under
+    NCCL a rank computes on local GPU ``local_rank % device_count``; under gloo on the CPU.
+    """
+    import torch
+    import torch.distributed as dist
+
+    setup_torch_env(launch)
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    topo.create_groups()
+    return device
+
+
+def stop() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_rank(launch: LaunchInfo, body: Callable[[], int]) -> int:
+    """Run ``body``; a failure ends this process at once with a message, never a hang.
+
+    Returns ``body``'s code in a one-process run; a distributed rank leaves through
+    :func:`exit_now` instead of returning.
+    """
+    try:
+        rc = body()
+    except BaseException as e:  # noqa: BLE001 - a failed rank must take the job down, not hang it
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        traceback.print_exc()
+        say(f"[rank {launch.rank}] fatal: {type(e).__name__}: {e}")
+        sys.stdout.flush()
+        os._exit(1)
+    if launch.world_size > 1:
+        exit_now(rc)
+    return rc
+
+
+def exit_now(rc: int) -> None:
+    """Leave a finished distributed run without running interpreter teardown.
+
+    Under load we saw C++ threads of the communication stack abort the process during Python's
+    teardown ("terminate called without an active exception") after all work was done and saved;
+    the launcher then reports a failed job. Everything is flushed and the process group destroyed
+    before this point, so skipping the Python side of teardown loses nothing.
+
+    Where MPI was initialised the process must still end through C ``exit``, not ``os._exit``:
+    MPICH (4.1 and later) tells its process manager "finalized" from an ``atexit`` hook, not
+    from ``MPI_Finalize``. A rank that skips the hook looks to Hydra like an MPI process that died,
+    and Hydra SIGKILLs every rank still running, so whichever rank left last failed the job.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():
+        if not mpi.Is_finalized():
+            mpi.Finalize()
+        import ctypes
+
+        ctypes.CDLL(None).exit(rc)
+    os._exit(rc)

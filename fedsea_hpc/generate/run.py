@@ -1,0 +1,42 @@
+"""``fedsea generate``: split generation with collaborative KV caches, one role per rank.
+
+Clients keep Part A + Part C and their own KV cache; server ranks keep Part B and one KV cache
+per round for all the sequences of their clients. Only per-sample prompt lengths, hidden states
+``[B, T, H]`` (prompt) / ``[B, 1, H]`` (each later step) and a few control words cross the wire.
+Both sides rebuild the left-padded attention mask and position ids from the lengths exactly as
+Hugging Face ``generate`` does (:mod:`fedsea_hpc.model.masks`), so greedy outputs equal HF's.
+The client loop is :mod:`.client`, the server loop :mod:`.server`.
+"""
+from __future__ import annotations
+
+from fedsea_hpc.config import validate_generate
+from fedsea_hpc.distributed.topology import Role
+
+
+def check_inputs(job) -> list | None:
+    """Every rank reads and checks every client's prompts and the adapter dir before any rank
+    communicates, so bad input makes all ranks exit 2 alike. Returns this rank's prompts
+    (None on a server rank)."""
+    from fedsea_hpc.data.prompts import load_prompts
+    from fedsea_hpc.model.adapters import check_adapters
+
+    cfg, topo = job.cfg, job.topo
+    validate_generate(cfg)
+    max_pos = job.source.config.max_position_embeddings
+    prompts = [load_prompts(cfg.generate, cfg.topology.clients, job.tokenizer, c, max_pos)
+               for c in range(cfg.topology.clients)]
+    if cfg.generate.adapters_dir:
+        check_adapters(cfg.generate.adapters_dir, job.source, cfg.splits(), key="generate.adapters_dir",
+                       model_name=cfg.model.name_or_path)
+    return prompts[topo.client_index] if topo.role is Role.CLIENT else None
+
+
+def generate_split(job, prompts, device) -> dict | None:
+    """Run this rank's role; rank 0 returns (and writes) the job summary."""
+    if job.topo.role is Role.CLIENT:
+        from fedsea_hpc.generate.client import run_client
+
+        return run_client(job.cfg, job.topo, job.source, job.tokenizer, prompts, job.dtype, device)
+    from fedsea_hpc.generate.server import run_server
+
+    return run_server(job.cfg, job.topo, job.source, job.dtype, device)
