@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -15,6 +17,7 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 # Every launch gets these: quiet, one thread per rank (2 cores shared by up to 5 ranks), and a
 # short peer timeout so a hang turns into a failure instead of blocking CI.
 COMMON_ARGS = ["run.progress=false", "comm.timeout_s=30"]
+T = TypeVar("T")
 
 
 def subprocess_env(extra: dict | None = None) -> dict:
@@ -27,19 +30,22 @@ def subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
-def fedsea_command(args: list[str], n: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "fedsea_hpc", "train", *COMMON_ARGS, *args]
+def fedsea_command(args: list[str], n: int | None = None, config: str | Path | None = None) -> list[str]:
+    """``[mpiexec -n n] python -m fedsea_hpc train [--config CONFIG] COMMON_ARGS ARGS``."""
+    conf = [] if config is None else ["--config", str(config)]
+    cmd = [sys.executable, "-m", "fedsea_hpc", "train", *conf, *COMMON_ARGS, *args]
     return cmd if n is None else [str(MPIEXEC), "-n", str(n), *cmd]
 
 
 def run_fedsea(args: list[str], n: int | None = None, env: dict | None = None,
-               timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``fedsea train ARGS`` (under ``mpiexec -n n`` when n is given); output captured.
+               timeout: float = 300, config: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``fedsea train [--config CONFIG] ARGS`` (under ``mpiexec -n n`` when n is given); output captured.
 
+    ``config`` is relative to the repository root (the working directory) or absolute.
     ``run.progress=false comm.timeout_s=30`` come first, so ``args`` may override them. A run
     that outlives ``timeout`` raises ``subprocess.TimeoutExpired`` (the test fails, CI goes on).
     """
-    return subprocess.run(fedsea_command(args, n), cwd=REPO, env=subprocess_env(env), capture_output=True,
+    return subprocess.run(fedsea_command(args, n, config), cwd=REPO, env=subprocess_env(env), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -56,9 +62,68 @@ def load_metrics(out_dir) -> list[dict]:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Racy on its own (another process may bind it before
+    the test does): pick ports through :func:`with_free_port`, which retries."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_IN_USE = ("eaddrinuse", "address already in use")
+
+
+def address_in_use(text: str) -> bool:
+    """Whether ``text`` (a traceback, a log) reports a failed bind: the port was taken."""
+    low = text.lower()
+    return any(m in low for m in _IN_USE)
+
+
+def _as_text(v) -> str:
+    if not v:
+        return ""
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _failure_text(err: BaseException) -> str:
+    """Everything an exception says: its chained traceback plus captured output (TimeoutExpired)."""
+    return "".join(traceback.format_exception(err)) + "".join(
+        _as_text(getattr(err, attr, None)) for attr in ("stdout", "stderr"))
+
+
+def with_free_port(launch: Callable[[int], T], attempts: int = 3) -> T:
+    """``launch(port)`` with a fresh free port, retried with a new port when the port was taken.
+
+    Between :func:`free_port` choosing a port and the launched rank binding it, another process
+    may take it. An attempt counts as "port taken" when it raised an exception whose text says
+    EADDRINUSE / "Address already in use" (``mp.spawn`` re-raises the rank's traceback), or
+    returned a failed result (``returncode != 0``, e.g. a ``CompletedProcess``) whose
+    ``stdout + stderr`` says so. Any other outcome, and the last attempt's, is returned or raised
+    as is.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        last = attempt == attempts
+        try:
+            result = launch(free_port())
+        except Exception as e:
+            if last or not address_in_use(_failure_text(e)):
+                raise
+            continue
+        failed = getattr(result, "returncode", 0) != 0
+        text = _as_text(getattr(result, "stdout", None)) + _as_text(getattr(result, "stderr", None))
+        if last or not (failed and address_in_use(text)):
+            return result
+    raise AssertionError("unreachable")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that is neither ``multirank`` nor ``slow`` is ``quick`` (the edit-test loop:
+    ``launch/test.sh -m quick``). Tests that start ranks (mpiexec, mp.spawn, srun) must carry
+    ``multirank``, or they would land here."""
+    for item in items:
+        if item.get_closest_marker("multirank") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)
 
 
 @pytest.fixture(scope="session")

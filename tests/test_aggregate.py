@@ -1,9 +1,15 @@
-"""Tests for fedsea_hpc.federated.aggregate: pure FedAvg math, then a 3-rank gloo run."""
+"""Client aggregation: a numpy FedAvg reference, then ``ClientSync`` and ``allreduce_sum_`` on 3 gloo ranks.
+
+``ClientSync`` (``fedsea_hpc.federated.client_sync``) is the one FedAvg/FedSGD implementation:
+clients may hold different blocks (per-client split points), and every tensor is averaged
+(``average_params``) or summed (``sum_grads``) over the clients that hold it only. The 3-rank test
+gives the clients different blocks and compares with :func:`weighted_average` below.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
+import zlib
 from datetime import timedelta
 
 import numpy as np
@@ -12,11 +18,44 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fedsea_hpc.federated.aggregate import (allreduce_sum_, fedavg_, normalize_weights,
-                                            weighted_average)
+from conftest import with_free_port
+from fedsea_hpc.federated.aggregate import allreduce_sum_
+from fedsea_hpc.federated.client_sync import ClientSync
 
 WORLD = 3
-WEIGHTS = [1.0, 3.0, 0.5]  # per rank, deliberately unequal
+WEIGHTS = [1.0, 3.0, 0.5]  # per client (its samples), deliberately unequal
+# Per-client split points as in a config with split.per_client=[[1,1],[2,1],[1,2]] on 6 blocks.
+HELD = {0: [0, 5], 1: [0, 1, 5], 2: [0, 4, 5]}
+UNION = sorted(set().union(*HELD.values()))  # [0, 1, 4, 5]
+BLOCK_SHAPES = {  # per-block suffix -> shape (every block has the same tensors)
+    "self_attn.q_proj.lora_A.weight": (2, 4),
+    "self_attn.q_proj.lora_B.weight": (4, 2),
+    "mlp.down_proj.lora_A.weight": (2, 6),
+}
+OTHER_SHAPES = {"model.embed_tokens.weight": (5, 4), "model.norm.weight": (4,)}  # on every client
+# (client, name) whose .grad stays None before sum_grads: counts as a zero gradient.
+NO_GRAD = {(1, "model.layers.0.self_attn.q_proj.lora_B.weight"), (2, "model.embed_tokens.weight"),
+           (0, "model.layers.5.mlp.down_proj.lora_A.weight")}
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def weighted_average(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """sum_i w_i a_i / sum_i w_i, in float64: the FedAvg every rank must agree on."""
+    if not arrays:
+        raise ValueError("weighted_average: empty list of arrays")
+    if len(weights) != len(arrays):
+        raise ValueError(f"weighted_average: {len(arrays)} arrays but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(w >= 0):  # also catches NaN
+        raise ValueError(f"weighted_average: weights must be >= 0, got {weights}")
+    if w.sum() == 0:
+        raise ValueError("weighted_average: weights sum to zero")
+    shapes = {np.shape(a) for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"weighted_average: arrays differ in shape: {sorted(shapes)}")
+    return sum(wi * np.asarray(a, dtype=np.float64) for wi, a in zip(w, arrays)) / w.sum()
 
 
 def test_equal_weights_give_the_mean():
@@ -40,11 +79,6 @@ def test_weighted_average_matches_formula():
     np.testing.assert_allclose(weighted_average(arrays, [1.0, 3.0]), [0.25, 0.75])
 
 
-def test_normalize_weights_sums_to_one():
-    w = normalize_weights([1, 1, 2])
-    np.testing.assert_allclose(w, [0.25, 0.25, 0.5])
-
-
 @pytest.mark.parametrize("arrays, weights, match", [
     ([], [], "empty"),
     ([np.zeros(2)], [-1.0], ">= 0"),
@@ -58,23 +92,92 @@ def test_weighted_average_errors(arrays, weights, match):
         weighted_average(arrays, weights)
 
 
-def test_single_process_wrappers_are_noops():
-    # No process group initialised: nothing changes, the own weight comes back.
+def test_single_process_allreduce_sum_is_a_noop():
+    # No process group initialised: nothing changes, None entries are fine.
     assert not dist.is_initialized()
-    p = torch.arange(4.0)
-    assert fedavg_([p], 2.5) == 2.5
     g = torch.ones(3)
     allreduce_sum_([g, None])
-    assert torch.equal(p, torch.arange(4.0)) and torch.equal(g, torch.ones(3))
-    with pytest.raises(ValueError):
-        fedavg_([p], -1.0)
+    allreduce_sum_([])
+    assert torch.equal(g, torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- 3 gloo ranks
+
+
+def names_of(client: int) -> list[str]:
+    """Canonical HF names of what ``client`` holds: its blocks' tensors, then the non-block ones."""
+    return [f"model.layers.{layer}.{suffix}" for layer in HELD[client] for suffix in BLOCK_SHAPES] + list(OTHER_SHAPES)
+
+
+def shape_of(name: str) -> tuple[int, ...]:
+    if name in OTHER_SHAPES:
+        return OTHER_SHAPES[name]
+    return BLOCK_SHAPES[name.split(".", 3)[3]]
+
+
+def value(client: int, name: str, what: str) -> torch.Tensor:
+    """Deterministic per (client, tensor, param|grad): every rank can rebuild every client's tensors."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{client}:{name}:{what}".encode()))
+    return torch.randn(shape_of(name), generator=g)
+
+
+def holders(name: str) -> list[int]:
+    return [c for c in range(WORLD) if name in names_of(c)]
 
 
 def rank_params(rank: int) -> list[torch.Tensor]:
-    """What rank ``rank`` holds: shapes [3, 4], [5] (fp32) and [2, 2] (bf16)."""
+    """Plain tensors for the allreduce_sum_ checks: shapes [3, 4], [5] (fp32) and [2, 2] (bf16)."""
     g = torch.Generator().manual_seed(100 + rank)
     return [torch.randn(3, 4, generator=g), torch.randn(5, generator=g),
             torch.randn(2, 2, generator=g).to(torch.bfloat16)]
+
+
+def _check_client_sync(rank: int) -> None:
+    # Prepare: this client's parameters (leaves that require grad), a gradient on most of them.
+    params = {n: torch.nn.Parameter(value(rank, n, "param")) for n in names_of(rank)}
+    for n, p in params.items():
+        if (rank, n) not in NO_GRAD:
+            p.grad = value(rank, n, "grad")
+    sync = ClientSync(list(params.items()), UNION)
+    before = {n: p.detach().clone() for n, p in params.items()}
+
+    # Execute / Assert: sum_grads = the sum over the clients holding the tensor, None counting as 0.
+    sync.sum_grads()
+    for n, p in params.items():
+        want = sum(np.zeros(shape_of(n)) if (c, n) in NO_GRAD else value(c, n, "grad").double().numpy()
+                   for c in holders(n))
+        assert p.grad is not None, n
+        np.testing.assert_allclose(p.grad.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=n)
+        assert torch.equal(p.detach(), before[n]), f"sum_grads changed the parameter {n}"
+
+    # Execute / Assert: average_params(w) = the sample-weighted mean over the holders only.
+    sync.average_params(WEIGHTS[rank])
+    for n, p in params.items():
+        hs = holders(n)
+        want = weighted_average([value(c, n, "param").numpy() for c in hs], [WEIGHTS[c] for c in hs])
+        np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-5, atol=1e-6, err_msg=f"{n} (holders {hs})")
+        assert p.is_leaf and p.requires_grad  # updated in place, still the same parameter
+    # The cases that make it "over holders only": layer 1 is client 1's alone, layer 4 client 2's.
+    if rank == 1:
+        n = "model.layers.1.self_attn.q_proj.lora_A.weight"
+        torch.testing.assert_close(params[n].detach(), value(1, n, "param"))
+    if rank == 2:
+        n = "model.layers.4.mlp.down_proj.lora_A.weight"
+        torch.testing.assert_close(params[n].detach(), value(2, n, "param"))
+
+
+def _check_allreduce_sum(rank: int) -> None:
+    # the sum, None entries skipped on every rank
+    grads = [rank_params(rank)[0], None, rank_params(rank)[1]]
+    allreduce_sum_(grads)
+    assert grads[1] is None
+    for got, i in ((grads[0], 0), (grads[2], 1)):
+        want = sum(rank_params(r)[i] for r in range(WORLD))
+        torch.testing.assert_close(got, want)
+    # None at different indices (same buffer size) is caught on every rank: none is left in a collective
+    mixed = [torch.ones(2), None] if rank == 0 else [None, torch.ones(2)]
+    with pytest.raises(ValueError, match="None on some ranks"):
+        allreduce_sum_(mixed)
 
 
 def _worker(rank: int, port: int) -> None:
@@ -82,44 +185,15 @@ def _worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
-        # fedavg_: every rank ends with the weighted average of all ranks' params
-        params = [p.requires_grad_(p.is_floating_point()) for p in rank_params(rank)]
-        total = fedavg_(params, WEIGHTS[rank])
-        assert total == pytest.approx(sum(WEIGHTS))
-        for i, p in enumerate(params):
-            want = weighted_average([rank_params(r)[i].float().numpy() for r in range(WORLD)],
-                                    WEIGHTS)
-            tol = 1e-2 if p.dtype == torch.bfloat16 else 1e-6
-            np.testing.assert_allclose(p.detach().float().numpy(), want, rtol=tol, atol=tol)
-            assert p.requires_grad  # still a leaf parameter, updated in place
-
-        # allreduce_sum_: the sum, None entries skipped on every rank
-        grads = [rank_params(rank)[0], None, rank_params(rank)[1]]
-        allreduce_sum_(grads)
-        assert grads[1] is None
-        for got, i in ((grads[0], 0), (grads[2], 1)):
-            want = sum(rank_params(r)[i] for r in range(WORLD))
-            torch.testing.assert_close(got, want)
-
-        # a bad weight on one rank raises on all ranks (no rank is left in a collective)
-        with pytest.raises(ValueError, match="negative"):
-            fedavg_([torch.zeros(2)], -1.0 if rank == 1 else 1.0)
-        with pytest.raises(ValueError, match="zero"):
-            fedavg_([torch.zeros(2)], 0.0)
-        # None at different indices (same buffer size) is caught on all ranks
-        mixed = [torch.ones(2), None] if rank == 0 else [None, torch.ones(2)]
-        with pytest.raises(ValueError, match="None on some ranks"):
-            allreduce_sum_(mixed)
+        _check_client_sync(rank)
+        dist.barrier()
+        _check_allreduce_sum(rank)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_three_rank_gloo_fedavg_and_sum():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+@pytest.mark.multirank
+def test_three_rank_client_sync_over_holders_and_allreduce_sum():
+    """One spawn of 3 gloo ranks runs every scenario; a failed assertion in any rank fails the test."""
+    with_free_port(lambda port: mp.spawn(_worker, args=(port,), nprocs=WORLD, join=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_summary, subprocess_env
+from conftest import REPO, load_summary, subprocess_env, with_free_port
 from fedsea_hpc.config import reference_markdown
 from fedsea_hpc.distributed.env import detect_launch
 
@@ -39,12 +39,15 @@ def fake_slurm(tmp_path):
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
 
     def run(ntasks: int, *args: str, script: str = "train.sbatch") -> subprocess.CompletedProcess:
-        env = subprocess_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": str(ntasks),
-                              "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]",
-                              "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1",
-                              "MASTER_PORT": str(29000 + os.getpid() % 1000)})
-        return subprocess.run(["bash", str(REPO / "slurm" / script), *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        def launch(port: int) -> subprocess.CompletedProcess:
+            env = subprocess_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": str(ntasks),
+                                  "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]",
+                                  "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1",
+                                  "MASTER_PORT": str(port)})
+            return subprocess.run(["bash", str(REPO / "slurm" / script), *args], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)
+
+        return with_free_port(launch)
 
     return run
 
@@ -98,13 +101,13 @@ EXIT_SCRIPT = """
 import sys, time
 from pathlib import Path
 from mpi4py import MPI
-from fedsea_hpc.cli import _exit_now
+from fedsea_hpc.distributed.process import exit_now
 rank = MPI.COMM_WORLD.Get_rank()
 MPI.Finalize()
 if rank == 1:  # still busy (say, unmapping a large model) when rank 0 has already left
     time.sleep(2)
     Path(sys.argv[1], "done1").write_text("ok")
-_exit_now(0)
+exit_now(0)
 """
 
 

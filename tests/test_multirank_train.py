@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import check_ok, fedsea_command, free_port, load_metrics, load_summary, run_fedsea, subprocess_env, REPO
+from conftest import (REPO, check_ok, fedsea_command, load_metrics, load_summary, run_fedsea, subprocess_env,
+                      with_free_port)
 
 pytestmark = pytest.mark.multirank
 
@@ -29,6 +31,8 @@ TOPOLOGIES = [(2, 2), (3, 1)]
 ZERO_STAGES = [0, 1, 2, 3]
 METRIC_KEYS = {"step", "loss", "tokens", "samples", "step_time_s", "bytes_sent", "bytes_sent_by_kind", "phase_s"}
 HEADER_BYTES = 96  # 12 int64 per message
+DEFAULT_CONFIG = "configs/default.yaml"  # what launch/local.sh runs
+DEFAULT_STEPS = 40
 
 
 # ------------------------------------------------------------------ cached runs
@@ -41,10 +45,10 @@ class Runs:
         self.root = root
         self.cache: dict[str, Path] = {}
 
-    def get(self, name: str, args: list[str], n: int | None, timeout: float = 300) -> Path:
+    def get(self, name: str, args: list[str], n: int | None, timeout: float = 300, config: str | None = None) -> Path:
         if name not in self.cache:
             out = self.root / name
-            proc = run_fedsea([*args, f"run.output_dir={out}"], n=n, timeout=timeout)
+            proc = run_fedsea([*args, f"run.output_dir={out}"], n=n, timeout=timeout, config=config)
             check_ok(proc)
             self.cache[name] = out
         return self.cache[name]
@@ -58,8 +62,9 @@ class Runs:
                          f"deepspeed.zero_stage={zero}"], clients + servers)
 
     def default(self) -> Path:
-        """The shipped defaults (2 clients x 1 server, paper noise), 40 steps."""
-        return self.get("default", ["train.steps=40"], 3)
+        """The README's default job, ``configs/default.yaml`` (2 clients x 1 server, full fine-tuning,
+        ZeRO-2, paper noise), cut to 40 of its 100 steps."""
+        return self.get("default", [f"train.steps={DEFAULT_STEPS}"], 3, config=DEFAULT_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +128,10 @@ def test_split_training_equals_centralized(runs, clients, servers, zero):
 def test_default_config_loss_goes_down(runs):
     s = load_summary(runs.default())
     losses = s["losses"]
-    assert len(losses) == 40 and all(l == l and l < 20 for l in losses)  # finite
-    # Measured: 5.70 -> ~5.45 (the byte-level corpus flattens out fast); demand half of that drop.
+    assert len(losses) == DEFAULT_STEPS and all(l == l and l < 20 for l in losses)  # finite
+    # Measured (2 cores, seed 0): 5.70 -> mean of the last 5 steps 3.02 (a drop of 2.7); demand 1.5.
     tail = sum(losses[-5:]) / 5
-    assert tail < losses[0] - 0.12, losses
+    assert tail < losses[0] - 1.5, losses
     assert s["final_loss"] == losses[-1] and s["first_loss"] == losses[0]
 
 
@@ -174,7 +179,8 @@ def test_wire_bytes_are_exactly_hidden_states_and_lengths(runs, which):
 
 def test_noise_does_not_change_what_is_sent(runs):
     """Same data, same clients: noise 0 and the default noise send byte-identical traffic per step.
-    (The two runs also differ in lr and server count, which must not change the bytes either.)"""
+    (The two runs also differ in lr, server count, ZeRO stage and LoRA vs full fine-tuning, none of
+    which may change the bytes either.)"""
     noisy, clean = load_metrics(runs.default()), load_metrics(runs.parallel(2, 2, 0))
     assert len(clean) == 20
     for a, b in zip(noisy, clean):
@@ -236,14 +242,20 @@ def test_config_yaml_round_trips(runs):
     written = yaml.safe_load(text)
     again = load_config(str(out / "config.yaml")).to_dict()
     assert again == written
-    assert written["train"]["steps"] == 40 and written["run"]["output_dir"] == str(out)
+    assert written["train"]["steps"] == DEFAULT_STEPS and written["run"]["output_dir"] == str(out)
     assert written["data"]["train_files"], "the resolved (shipped) data files are recorded"
+    # Every other value of the config file is what the run used.
+    shipped = yaml.safe_load((REPO / DEFAULT_CONFIG).read_text())
+    for section, values in shipped.items():
+        for key, v in values.items():
+            if (section, key) not in (("train", "steps"), ("run", "output_dir")):
+                assert written[section][key] == v, f"{section}.{key}"
 
 
 def test_metrics_jsonl_has_one_row_per_step(runs):
     out = runs.default()
     rows = load_metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, DEFAULT_STEPS + 1))
     for r in rows:
         assert METRIC_KEYS <= set(r), set(r)
         assert r["tokens"] > 0 and 0 < r["samples"] <= 16 and r["step_time_s"] > 0  # an epoch may end in a partial batch
@@ -261,8 +273,9 @@ def test_adapters_are_peft_and_load_onto_the_hf_model(runs, tmp_path):
     from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE
     from fedsea_hpc.model.loading import resolve_model
 
-    out = runs.default()
+    out = runs.parallel(2, 2, 0)  # LoRA (the default job, configs/default.yaml, fine-tunes fully)
     cfg = load_config(str(out / "config.yaml"))
+    assert cfg.peft.lora_r > 0
     root = out / "adapters"
     assert sorted(os.listdir(root)) == ["client0", "client1", "server"]
     for d in ("client0", "client1", "server"):
@@ -319,7 +332,7 @@ def bad_runs(tmp_path_factory, mpiexec_path):
     try:
         for name, (p, t0) in procs.items():
             stdout, stderr = p.communicate(timeout=max(1.0, 90 - (time.monotonic() - t0)))
-            results[name] = (p.returncode, stdout, stderr, time.monotonic() - t0, root / name)
+            results[name] = (p.returncode, stdout, stderr, root / name)
     finally:
         for p, _ in procs.values():
             if p.poll() is None:
@@ -329,11 +342,10 @@ def bad_runs(tmp_path_factory, mpiexec_path):
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_fails_fast_on_every_rank(bad_runs, name):
+def test_bad_input_exits_2_before_starting_on_every_rank(bad_runs, name):
     _, n, key = BAD_INPUTS[name]
-    rc, stdout, stderr, wall, out = bad_runs[name]
+    rc, stdout, stderr, out = bad_runs[name]
     assert rc == 2, f"exit {rc}\n{stdout}\n{stderr}"
-    assert wall < 60
     lines = [line for line in (stdout + stderr).splitlines() if "fedsea: error:" in line]
     assert len(lines) == n, lines  # one line per rank
     assert {line.split("]")[0] for line in lines} == {f"[rank {r}" for r in range(n)}
@@ -347,55 +359,76 @@ def test_bad_input_fails_fast_on_every_rank(bad_runs, name):
 # ------------------------------------------------------------------ a rank dies
 
 
-def test_dead_rank_takes_the_job_down_torchrun_style(tmp_path):
-    """Four plain processes (no MPI launcher to kill the survivors): they must exit on their own."""
-    port = free_port()
-    out = tmp_path / "out"
-    args = ["topology.clients=2", "topology.servers=2", "debug.fail_rank=2", "debug.fail_step=3",
-            "comm.timeout_s=20", "train.steps=30", f"run.output_dir={out}"]
+@dataclass
+class PlainRanks:
+    """Outcome of plain (launcher-less) rank processes; ``returncode``/``stdout`` as for with_free_port."""
+    returncodes: list[int | None]  # None: still running at the deadline (then killed)
+    logs: list[str]
+
+    @property
+    def returncode(self) -> int:
+        return 0 if all(rc == 0 for rc in self.returncodes) else 1
+
+    @property
+    def stdout(self) -> str:
+        return "\n".join(self.logs)
+
+
+def run_plain_ranks(args: list[str], world: int, port: int, root: Path, deadline_s: float) -> PlainRanks:
+    """``world`` plain ``fedsea train`` processes with torchrun-style variables, waited up to ``deadline_s``."""
+    root.mkdir(parents=True)
     procs, logs = [], []
-    for r in range(4):
-        env = subprocess_env(dict(RANK=str(r), WORLD_SIZE="4", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+    for r in range(world):
+        env = subprocess_env(dict(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=str(port)))
-        log = open(tmp_path / f"rank{r}.log", "w+")
+        log = open(root / f"rank{r}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen(fedsea_command(args), cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, text=True))
-    ended: dict[int, float] = {}
+        procs.append(subprocess.Popen(fedsea_command([*args, f"run.output_dir={root / 'out'}"]), cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, text=True))
+    codes: list[int | None] = [None] * world
     t0 = time.monotonic()
     try:
-        while len(ended) < 4 and time.monotonic() - t0 < 180:
-            for r, p in enumerate(procs):
-                if r not in ended and p.poll() is not None:
-                    ended[r] = time.monotonic()
+        # A hang bound, not a speed check: ranks that never exit fail the test instead of blocking CI.
+        while any(c is None for c in codes) and time.monotonic() - t0 < deadline_s:
+            codes = [p.poll() for p in procs]
             time.sleep(0.1)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    text = {}
-    for r, log in enumerate(logs):
+    text = []
+    for log in logs:
         log.seek(0)
-        text[r] = log.read()
+        text.append(log.read())
         log.close()
-    assert len(ended) == 4, f"ranks still running after 180 s: {set(range(4)) - set(ended)}\n{text}"
-    assert procs[2].returncode == 3, text[2]
+    return PlainRanks(codes, text)
+
+
+def test_dead_rank_takes_the_job_down_torchrun_style(tmp_path):
+    """Four plain processes (no MPI launcher to kill the survivors): they must exit on their own."""
+    args = ["topology.clients=2", "topology.servers=2", "debug.fail_rank=2", "debug.fail_step=3",
+            "comm.timeout_s=20", "train.steps=30"]
+    res = with_free_port(lambda port: run_plain_ranks(args, 4, port, tmp_path / f"port{port}", deadline_s=180))
+    codes, text = res.returncodes, res.logs
+    assert None not in codes, f"ranks still running after 180 s: {[r for r, c in enumerate(codes) if c is None]}\n{text}"
+    assert codes[2] == 3, text[2]
     assert "debug.fail_rank" in text[2]
     for r in (0, 1, 3):
-        assert procs[r].returncode != 0, (r, text[r])
-        assert ended[r] - ended[2] < 60, f"rank {r} took {ended[r] - ended[2]:.0f} s to notice"
+        assert codes[r] != 0, (r, text[r])
         assert "done:" not in text[r]
+        # Each survivor ends on a closed connection (the death, directly or passed on), not by
+        # sitting out comm.timeout_s.
+        fatal = [line for line in text[r].splitlines() if line.startswith(f"[rank {r}] fatal:")]
+        assert len(fatal) == 1, (r, text[r][-3000:])
+        assert "timed out" not in fatal[0].lower(), fatal[0]
     assert any("lost rank 2" in text[r] for r in (0, 1, 3)), {r: text[r][-2000:] for r in (0, 1, 3)}
 
 
 def test_dead_rank_under_mpiexec_exits_nonzero(tmp_path, mpiexec_path):
-    t0 = time.monotonic()
     proc = run_fedsea(["topology.clients=2", "topology.servers=2", "debug.fail_rank=2", "debug.fail_step=3",
                        "comm.timeout_s=20", "train.steps=30", f"run.output_dir={tmp_path / 'out'}"], n=4, timeout=180)
-    wall = time.monotonic() - t0
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     assert "exiting abruptly at step 3" in text
     assert "done:" not in text
-    assert wall < 120, f"{wall:.0f} s (startup ~20 s + detection must stay < 60 s)"

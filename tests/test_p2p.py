@@ -6,8 +6,6 @@ workers); each test then checks its scenario's outcome on both ranks.
 
 import json
 import os
-import socket
-import time
 import traceback
 from datetime import timedelta
 
@@ -16,12 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import with_free_port
 from fedsea_hpc.transport.p2p import ByteCounter, Channel, PeerLostError
 from fedsea_hpc.transport.wire import HEADER_BYTES, HEADER_LEN, Kind, WireError
 
 TIMEOUT_S = 10.0
 SHORT_TIMEOUT_S = 0.5
-SILENT_S = 1.5  # rank 1 stays alive but silent this long before it dies
+TIMED_OUT_KEY = "p2p_test_short_channel_timed_out"  # rank 1 stays silent until rank 0 sets it
+STORE_WAIT_S = 60.0  # bound on that wait, so a failing rank 0 cannot leave rank 1 hanging
 MAX_BYTES = 1 << 26
 
 # (kind, shape, dtype): varied ranks, dtypes, an empty tensor and a scalar.
@@ -36,12 +36,6 @@ CASES = [
     (Kind.CONTROL, (5,), torch.uint8),
     (Kind.ACTIVATION, (0, 5, 8), torch.float32),  # empty: header only
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make(i: int, shape, dtype, src: int) -> torch.Tensor:
@@ -86,7 +80,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[int, dict[str, str]]:
     out = tmp_path_factory.mktemp("p2p")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    with_free_port(lambda port: mp.spawn(_worker, args=(port, str(out)), nprocs=2, join=True))
     return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
 
 
@@ -136,6 +130,7 @@ def _round_trip_body(rank: int) -> None:
     assert counter.recv_total(include_header=False) == sum(want.values()) - want["header"]
 
 
+@pytest.mark.multirank
 def test_round_trip_both_directions_and_byte_counts(results):
     _check(results, "round_trip")
 
@@ -162,6 +157,7 @@ def _corrupt_header_body(rank: int) -> None:
                                         "header": 2 * HEADER_BYTES}
 
 
+@pytest.mark.multirank
 def test_corrupt_header_raises_wire_error(results):
     _check(results, "corrupt_header")
 
@@ -174,35 +170,40 @@ def _dead_peer_body(rank: int) -> None:
 
     The timeout is exercised on a separate group because gloo closes a pair after a timed-out
     op; on the default group's pair the later failure must then come from the death itself.
+    Rank 1 stays alive until rank 0 has seen its timeout (a key in the rendezvous store), so
+    which failure rank 0 sees does not depend on how fast either rank runs.
     """
     side_group = dist.new_group([0, 1])  # collective: both ranks, before rank 1 goes quiet
+    store = dist.distributed_c10d._get_default_store()
     if rank == 1:
-        time.sleep(SILENT_S)
+        store.wait([TIMED_OUT_KEY], timedelta(seconds=STORE_WAIT_S))
         os._exit(0)
     # Prepare
     short = Channel(
         1, counter=ByteCounter(), max_bytes=MAX_BYTES, timeout_s=SHORT_TIMEOUT_S, group=side_group
     )
     ch = Channel(1, counter=ByteCounter(), max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S)
-    # Execute / Assert: silent but alive -> timeout
-    start = time.monotonic()
-    with pytest.raises(PeerLostError, match="rank 0: lost rank 1 while waiting for gradient"):
-        short.recv_gradient(step=2)
-    assert time.monotonic() - start < SILENT_S
-    # Execute: dead -> connection error, well before this channel's timeout
-    start = time.monotonic()
+    # Execute / Assert: silent but alive -> the short channel gives up with a timeout
+    try:
+        with pytest.raises(PeerLostError) as timed_out:
+            short.recv_gradient(step=2)
+    finally:
+        store.set(TIMED_OUT_KEY, "1")  # now rank 1 dies
+    msg = str(timed_out.value)
+    assert msg.startswith("rank 0: lost rank 1 while waiting for gradient header (step 2)"), msg
+    assert "timed out" in msg.lower(), msg
+    # Execute: dead -> connection error, not this channel's timeout
     with pytest.raises(PeerLostError) as info:
         ch.recv_activation(step=4)
-    elapsed = time.monotonic() - start
     # Assert
     msg = str(info.value)
-    assert msg.startswith("rank 0: lost rank 1 while waiting for activation"), msg
-    assert "(step 4)" in msg and "timed out" not in msg.lower(), msg
+    assert msg.startswith("rank 0: lost rank 1 while waiting for activation header (step 4)"), msg
+    assert "timed out" not in msg.lower(), msg
     assert info.value.rank == 0 and info.value.peer == 1
-    assert elapsed < TIMEOUT_S, elapsed
     # No destroy_process_group: the peer is gone, the group cannot be torn down collectively.
 
 
+@pytest.mark.multirank
 def test_silent_then_dead_peer_raises_peer_lost_error(results):
     _check(results, "dead_peer", ranks=(0,))  # rank 1 dies on purpose, before recording
 
