@@ -165,6 +165,15 @@ def _check_client_sync(rank: int) -> None:
         n = "model.layers.4.mlp.down_proj.lora_A.weight"
         torch.testing.assert_close(params[n].detach(), value(2, n, "param"))
 
+    # A bad weight on one client, or holders without samples, fail every client alike (none is
+    # left waiting in a collective), and nothing is changed.
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        sync.average_params(float("nan") if rank == 1 else WEIGHTS[rank])
+    with pytest.raises(ValueError, match="total weight of zero"):
+        sync.average_params(0.0 if rank == 2 else WEIGHTS[rank])  # layer 4 is client 2's alone
+    assert all(torch.equal(p.detach(), before[n]) for n, p in params.items())
+
 
 def _check_allreduce_sum(rank: int) -> None:
     # the sum, None entries skipped on every rank

@@ -8,6 +8,8 @@ weight where they hold nothing, and one flat ``all_reduce`` does the rest.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedsea_hpc.federated.aggregate import allreduce_sum_
@@ -39,25 +41,34 @@ class ClientSync:
             else:
                 others.append(name)
         self.union_layers = list(union_layers)
-        # slot = (name, shape, layer position in union or -1 for tensors every client holds)
+        # slot = (name, shape, weight index): the block's position in the union, or
+        # len(union) for the tensors every client holds (embedding, norm, head)
         self.slots: list[tuple[str, torch.Size, int]] = []
         for li, layer in enumerate(self.union_layers):
             for suffix in sorted(by_suffix):
                 self.slots.append((f"model.layers.{layer}.{suffix}", by_suffix[suffix].shape, li))
-        self.slots += [(n, own[n].shape, -1) for n in sorted(others)]
+        self.slots += [(n, own[n].shape, len(self.union_layers)) for n in sorted(others)]
         self.own = own
         held = {where[0] for n in own if (where := split_layer_name(n))}
         self.held_layers = [li for li, layer in enumerate(self.union_layers) if layer in held]
 
     def _reduce(self, tensors: dict[str, torch.Tensor], weight: float, average: bool) -> None:
+        # A bad weight on one client must fail every client alike, never leave the others in a
+        # collective: the check rides in the same buffer as the values ([union layers, shared, bad]).
+        bad = not (weight >= 0 and math.isfinite(weight))  # NaN fails the >= test
+        weight = 0.0 if bad else weight
         ref = next(iter(tensors.values()))
         chunks = [(tensors[n] * weight).reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=ref.dtype, device=ref.device)
                   for n, s, _ in self.slots]
         flat = torch.cat(chunks)
-        w = torch.zeros(len(self.union_layers) + 1, dtype=ref.dtype, device=ref.device)
+        w = torch.zeros(len(self.union_layers) + 2, dtype=ref.dtype, device=ref.device)
         w[self.held_layers] = weight
-        w[-1] = weight
+        w[-2], w[-1] = weight, float(bad)  # w[-2] is w[len(union)]: the shared tensors' weight
         allreduce_sum_([flat, w], group=self.group)
+        if w[-1] > 0:
+            raise ValueError(f"FedAvg: {int(w[-1])} client(s) gave a negative or non-finite weight")
+        if average and bool((w[:-1] <= 0).any()):  # the same verdict on every client
+            raise ValueError("FedAvg: the holders of some tensor have a total weight of zero (no samples)")
         offset = 0
         for name, shape, li in self.slots:
             n = shape.numel()
