@@ -4,8 +4,10 @@ For each model this runs the real CLI twice with the same config (noise and LoRA
 defaults): ``train.mode=centralized`` in one process, and ``train.mode=parallel`` under
 ``mpiexec -n clients+servers``. "Equal cores": centralized gets every core
 (``OMP_NUM_THREADS=os.cpu_count()``); the split ranks share the same cores, with the CLI's own
-default (``torch threads = cores // ranks-per-node``, at least 1; OMP_NUM_THREADS is removed from
-their environment). The thread counts used are written to the JSON.
+default (OMP_NUM_THREADS removed from their environment): clients and servers take turns, so a
+client rank gets ``cores // clients`` and a server rank ``cores // servers`` torch threads, at
+least 1 (``fedsea_hpc.distributed.process.threads_for``). The thread counts used are written to
+the JSON.
 
 Minimum bytes per step: only the hidden states and their gradients must cross the wire, in both
 directions: ``4 * sum_c B_c * T_c * H * itemsize`` (h_A up, h_B down, dL/dh_B up, dL/dh_A down).
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
         "note": "centralized: 1 process with OMP_NUM_THREADS=cpu_count; parallel: clients+servers ranks on the "
-                "same cores, torch threads = cores // ranks (CLI default). Times are mean over steps > 2.",
+                "same cores with the CLI's thread default: a client rank gets cores // clients, a server rank "
+                "cores // servers torch threads (they take turns). Times are mean over steps > 2.",
         "results": results,
     }
     out = REPO / args.out if not os.path.isabs(args.out) else Path(args.out)
