@@ -35,7 +35,7 @@ PAPER_NOISE_SIGMA = 0.02 * math.sqrt(math.pi / 2)
 @dataclass(kw_only=True)
 class RunConfig:
     output_dir: str = _f("runs/default", "Directory for config.yaml, metrics.jsonl, summary.json and adapters.")
-    seed: int = _f(0, "Seed for model init, LoRA init, data order and noise.")
+    seed: int = _f(0, "Seed for model init, LoRA init and data order (not the privacy noise: see privacy.noise_seed).")
     log_every: int = _f(1, "Print a progress line every this many steps (metrics.jsonl gets every step).")
     progress: bool = _f(True, "Show a progress bar on rank 0.")
 
@@ -80,6 +80,12 @@ class PrivacyConfig:
                           "σ of the Gaussian noise a client adds to the hidden states it sends. The paper's "
                           "default 0.02 is the mean absolute noise E[abs(ε)], i.e. σ = 0.02·sqrt(π/2) ≈ 0.02507 "
                           "(this default). 0 disables.")
+    noise_mode: Literal["absolute", "relative"] = _f(
+        "absolute", "absolute: ε ~ N(0, noise_std²) on every element; relative: per token, σ = noise_std × the RMS "
+                    "of that token's hidden vector (the same setting means the same across models and split points).")
+    noise_seed: int = _f(-1, "TEST ONLY. -1 (default): each client seeds its noise from OS entropy on its own rank, "
+                             "so no other rank can regenerate it. >= 0: a reproducible seed every rank can compute "
+                             "(summary.json then marks the run noise_seed_test_only).")
     grad_clip: float = _f(0.0, "Per-sample L2 clip of the gradient a client returns to the server; 0 = off.")
     grad_noise_std: float = _f(0.0, "σ of Gaussian noise added to that returned gradient; 0 = off.")
 
@@ -128,8 +134,8 @@ class CommConfig:
 class DebugConfig:
     fail_rank: int = _f(-1, "Fault injection for tests: this rank exits abruptly ...")
     fail_step: int = _f(-1, "... at the start of this step (-1 = never).")
-    dump_wire: bool = _f(False, "Server ranks save every tensor received at step 0 under run.output_dir/wire/ "
-                                "(to audit what leaves a client).")
+    dump_wire_steps: int = _f(0, "Server ranks save every tensor received during the first this many steps under "
+                                 "run.output_dir/wire/ (to audit what leaves a client); 0 = off.")
 
 
 @dataclass(kw_only=True)
@@ -310,6 +316,8 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     for k in ("noise_std", "grad_clip", "grad_noise_std"):
         v = getattr(cfg.privacy, k)
         need(v >= 0, f"privacy.{k}: must be >= 0, got {v}")
+    need(cfg.privacy.noise_seed >= -1, f"privacy.noise_seed: must be -1 (OS entropy) or >= 0, got {cfg.privacy.noise_seed}")
+    need(cfg.debug.dump_wire_steps >= 0, f"debug.dump_wire_steps: must be >= 0, got {cfg.debug.dump_wire_steps}")
     need(cfg.federated.avg_every >= 0, f"federated.avg_every: must be >= 0, got {cfg.federated.avg_every}")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
          f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not one of 0, 1, 2, 3")

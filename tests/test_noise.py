@@ -158,3 +158,41 @@ def test_private_sender_with_zero_noise_sends_the_clean_values():
     assert torch.equal(fake.sent[0][1], h)
     with pytest.raises(ValueError):
         PrivateSender(fake, noise_std=-1.0, generator=torch.Generator())
+
+
+def test_relative_noise_is_scaled_by_each_tokens_rms():
+    h = torch.randn(4, 32, 256) * torch.logspace(-2, 1, 32).view(1, 32, 1)  # tokens of very different size
+    out = add_noise(h, 0.1, torch.Generator().manual_seed(0), relative=True)
+    rms = h.square().mean(-1, keepdim=True).sqrt()
+    z = (out - h) / (0.1 * rms)
+    per_token = z.std(dim=(0, 2))  # every token position, small or large, gets noise-to-signal 0.1
+    assert torch.allclose(per_token, torch.ones(32), atol=0.08), per_token
+
+
+def test_noise_generator_is_private_unless_a_test_seed_is_given():
+    from fedsea_hpc.components.links import noise_generator, noise_report
+    from fedsea_hpc.config import PrivacyConfig
+
+    draw = lambda g: torch.randn(1000, generator=g)  # noqa: E731
+    # OS entropy: two generators for the same client and config never agree.
+    assert not torch.equal(draw(noise_generator(-1, 0, torch.device("cpu"))),
+                           draw(noise_generator(-1, 0, torch.device("cpu"))))
+    # A test seed: reproducible per client, different across clients.
+    a, b = noise_generator(5, 0, torch.device("cpu")), noise_generator(5, 0, torch.device("cpu"))
+    assert torch.equal(draw(a), draw(b))
+    assert not torch.equal(draw(noise_generator(5, 0, torch.device("cpu"))),
+                           draw(noise_generator(5, 1, torch.device("cpu"))))
+    assert noise_report(PrivacyConfig()) == {"noise_mode": "absolute", "noise_std": PrivacyConfig().noise_std,
+                                             "noise_seed": "os-entropy"}
+    assert noise_report(PrivacyConfig(noise_seed=3))["noise_seed_test_only"] == 3
+
+
+@pytest.mark.parametrize("override, key", [("privacy.noise_mode=loud", "privacy.noise_mode"),
+                                           ("privacy.noise_seed=-2", "privacy.noise_seed"),
+                                           ("privacy.noise_seed=1.5", "privacy.noise_seed"),
+                                           ("debug.dump_wire_steps=-1", "debug.dump_wire_steps")])
+def test_bad_noise_settings_name_their_key(override, key):
+    from fedsea_hpc.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])

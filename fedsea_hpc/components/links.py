@@ -6,6 +6,8 @@ sends can skip the noise.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fedsea_hpc.config import CommConfig, PrivacyConfig
@@ -19,23 +21,37 @@ def channel(peer: int, comm: CommConfig, counter: ByteCounter, device: torch.dev
                    device=device)
 
 
-def noise_generator(seed: int, client: int, device: torch.device) -> torch.Generator:
+def noise_generator(noise_seed: int, client: int, device: torch.device) -> torch.Generator:
     """The noise generator of one client, on the device its activations live on.
 
-    Fresh draws every send, independent across clients (one stream per client index).
+    ``noise_seed == -1`` (the default): seeded from OS entropy on this rank, known to no other
+    rank, so a server cannot regenerate ε and subtract it. ``>= 0`` (tests only): a reproducible
+    stream per client index, which every rank reading the config could recompute.
     """
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * (client + 1))
+    seed = (int.from_bytes(os.urandom(8), "little") >> 1 if noise_seed < 0
+            else noise_seed * 1_000_003 + 7919 * (client + 1))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
-def client_link(topo: Topology, comm: CommConfig, privacy: PrivacyConfig, seed: int, counter: ByteCounter,
+def client_link(topo: Topology, comm: CommConfig, privacy: PrivacyConfig, counter: ByteCounter,
                 device: torch.device, *, noise: bool = True) -> PrivateSender:
     """This client's link to its server; ``noise=False`` sends clean activations (generation default)."""
     c = topo.client_index
     return PrivateSender(channel(topo.server_of(c), comm, counter, device),
                          noise_std=privacy.noise_std if noise else 0.0, grad_clip=privacy.grad_clip,
-                         grad_noise_std=privacy.grad_noise_std, generator=noise_generator(seed, c, device))
+                         grad_noise_std=privacy.grad_noise_std, generator=noise_generator(privacy.noise_seed, c, device),
+                         relative=privacy.noise_mode == "relative")
 
 
 def server_links(topo: Topology, comm: CommConfig, counter: ByteCounter, device: torch.device) -> dict[int, Channel]:
     """This server rank's links, one per client it serves (by client index)."""
     return {c: channel(c, comm, counter, device) for c in topo.clients_of(topo.rank)}
+
+
+def noise_report(privacy: PrivacyConfig, *, noise: bool = True) -> dict:
+    """What summary.json says about the activation noise; a reproducible seed is flagged."""
+    out = {"noise_mode": privacy.noise_mode, "noise_std": privacy.noise_std if noise else 0.0,
+           "noise_seed": "os-entropy" if privacy.noise_seed < 0 else "fixed"}
+    if noise and privacy.noise_seed >= 0:
+        out["noise_seed_test_only"] = privacy.noise_seed  # every rank could regenerate the noise
+    return out

@@ -41,7 +41,7 @@ class GenClient:
         adapter = os.path.join(self.g.adapters_dir, f"client{self.index}") if self.g.adapters_dir else None
         self.model = load_adapter(self.part, adapter).eval()
         self.counter = ByteCounter()
-        self.link = client_link(topo, cfg.comm, cfg.privacy, cfg.run.seed, self.counter, device, noise=self.g.noise)
+        self.link = client_link(topo, cfg.comm, cfg.privacy, self.counter, device, noise=self.g.noise)
         self.sampler = torch.Generator().manual_seed(self.g.seed + self.index)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id

@@ -6,6 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.outputs import write_json
 from fedsea_hpc.config import Config
 
@@ -28,7 +29,7 @@ def finish_stats(cfg: Config, topo, device, stats: dict, wall: float) -> dict | 
     new = max(s["new_tokens"], 1.0)
     summary = {
         "clients": topo.clients, "servers": topo.servers, "kv_cache": cfg.generate.kv_cache,
-        "noise_std": cfg.privacy.noise_std if cfg.generate.noise else 0.0,
+        **noise_report(cfg.privacy, noise=cfg.generate.noise),
         "sequences": int(s["sequences"]), "prompt_tokens": int(s["prompt_tokens"]), "new_tokens": int(s["new_tokens"]),
         "wall_s": wall, "tokens_per_s": s["new_tokens"] / wall if wall > 0 else 0.0,
         # Mean wall time of one decode step of a client batch (every row gets one token per step).

@@ -44,7 +44,8 @@ def gaussian_noise_like(
     return eps.mul_(std)
 
 
-def add_noise(h: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
+def add_noise(h: torch.Tensor, std: float, generator: torch.Generator | None, *,
+              relative: bool = False) -> torch.Tensor:
     """Return ``h.detach() + ε``; the caller's autograd graph is never touched.
 
     The client keeps backpropagating through its clean ``h``; only the copy it sends is noised.
@@ -55,6 +56,9 @@ def add_noise(h: torch.Tensor, std: float, generator: torch.Generator | None) ->
         ``[B, T, H]`` (any shape), may require grad.
     std : float
         σ; 0 returns ``h.detach()`` (a view, no copy).
+    relative : bool
+        Scale σ per vector of the last dim (per token of ``[B, T, H]``) by that vector's RMS,
+        ``sqrt(mean(h²))``: the noise-to-signal ratio is then ``std`` everywhere.
 
     Returns
     -------
@@ -63,7 +67,11 @@ def add_noise(h: torch.Tensor, std: float, generator: torch.Generator | None) ->
     """
     if std == 0:
         return h.detach()
-    return h.detach() + gaussian_noise_like(h, std, generator)
+    eps = gaussian_noise_like(h, std, generator)
+    if relative:
+        rms = h.detach().float().square().mean(-1, keepdim=True).sqrt()  # [..., 1]
+        eps = eps.mul_(rms.to(eps.dtype))
+    return h.detach() + eps
 
 
 def clip_per_sample(g: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -107,7 +115,10 @@ class PrivateSender:
     channel : Channel-like
         Anything with ``send(kind, tensor, step)`` / ``isend`` and the ``recv_*`` methods.
     noise_std : float
-        σ of the activation noise (convert the paper's mean |ε| with ``sigma_from_mean_abs``).
+        σ of the activation noise (the paper's mean |ε| m is σ = m·sqrt(π/2)); with
+        ``relative`` the noise-to-signal ratio per token.
+    relative : bool
+        ``privacy.noise_mode == "relative"`` (see :func:`add_noise`).
     grad_clip : float
         Per-sample L2 clip of sent gradients; 0 = off.
     grad_noise_std : float
@@ -130,6 +141,7 @@ class PrivateSender:
         grad_clip: float = 0.0,
         grad_noise_std: float = 0.0,
         generator: torch.Generator,
+        relative: bool = False,
     ):
         if noise_std < 0 or grad_noise_std < 0:
             raise ValueError(f"noise std must be >= 0, got {noise_std}, {grad_noise_std}")
@@ -138,6 +150,7 @@ class PrivateSender:
         self.grad_clip = grad_clip
         self.grad_noise_std = grad_noise_std
         self.generator = generator
+        self.relative = relative
 
     def __getattr__(self, name: str):
         # Only called for attributes not found on the wrapper: delegate to the channel.
@@ -148,7 +161,7 @@ class PrivateSender:
     def privatize(self, kind: Kind, tensor: torch.Tensor) -> torch.Tensor:
         """What would be sent for ``tensor``: noised/clipped for activations/gradients only."""
         if kind == Kind.ACTIVATION:
-            return add_noise(tensor, self.noise_std, self.generator)
+            return add_noise(tensor, self.noise_std, self.generator, relative=self.relative)
         if kind == Kind.GRADIENT:
             return privatize_gradient(tensor, self.grad_clip, self.grad_noise_std, self.generator)
         return tensor

@@ -35,7 +35,7 @@ class ClientWorker:
         self.params = trainable(self.model)
         self.opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay)
-        self.link = client_link(topo, cfg.comm, cfg.privacy, cfg.run.seed, counter, device)
+        self.link = client_link(topo, cfg.comm, cfg.privacy, counter, device)
         self.data = ClientData(cfg.data.train_files, self.index, cfg.topology.clients, tokenizer,
                                cfg.train.seq_len, cfg.run.seed)
         self.batches = self.data.batches(cfg.train.micro_batch_size)

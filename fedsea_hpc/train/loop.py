@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically
 from fedsea_hpc.config import Config
@@ -91,7 +92,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
     dist.barrier()
-    return log.finish(wall, extra=_data_stats(topo, worker, device))
+    return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy))
 
 
 def _data_stats(topo: Topology, worker, device: torch.device) -> dict:

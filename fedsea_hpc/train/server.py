@@ -42,8 +42,8 @@ class ServerWorker:
         """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
         t0 = time.perf_counter()
         recv = [(c, self.links[c].recv_lengths(step), self.links[c].recv_activation(step)) for c in clients]
-        if self.cfg.debug.dump_wire and step == 0:
-            self._dump({f"client{c}_lengths": n for c, n, _ in recv} | {f"client{c}_activation": h for c, _, h in recv})
+        if step < self.cfg.debug.dump_wire_steps:
+            self._dump(step, {f"client{c}_lengths": n for c, n, _ in recv} | {f"client{c}_activation": h for c, _, h in recv})
         t1 = time.perf_counter()
         if recv:
             t_max = max(h.shape[1] for _, _, h in recv)
@@ -62,8 +62,8 @@ class ServerWorker:
         grads = []
         for c, _, h in recv:
             g = self.links[c].recv_gradient(step)
-            if self.cfg.debug.dump_wire and step == 0:
-                self._dump({f"client{c}_gradient": g})
+            if step < self.cfg.debug.dump_wire_steps:
+                self._dump(step, {f"client{c}_gradient": g})
             grads.append(_pad_time(g.to(out.dtype), out.shape[1]))
         grad = torch.cat(grads) if grads else torch.zeros_like(out)  # dummy round: zero gradient
         t3 = time.perf_counter()
@@ -76,9 +76,9 @@ class ServerWorker:
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
 
-    def _dump(self, tensors: dict) -> None:
-        """debug.dump_wire: keep exactly what arrived from the clients, for audits and tests."""
-        out = os.path.join(self.cfg.run.output_dir, "wire")
+    def _dump(self, step: int, tensors: dict) -> None:
+        """debug.dump_wire_steps: keep exactly what arrived from the clients, for audits and tests."""
+        out = os.path.join(self.cfg.run.output_dir, "wire", f"step{step}")
         os.makedirs(out, exist_ok=True)
         for name, t in tensors.items():
             torch.save(t.cpu(), os.path.join(out, f"{name}.pt"))
