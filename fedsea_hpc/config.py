@@ -115,10 +115,43 @@ class DataConfig:
                                "[] = the small corpus shipped with the package.")
 
 
+# deepspeed.extra: keys that tune DeepSpeed without changing what the server computes, and the
+# keys that would break the split-training contract, each with the reason given to the user.
+DEEPSPEED_EXTRA_ALLOWED = ("zero_optimization", "wall_clock_breakdown", "steps_per_print", "memory_breakdown",
+                           "flops_profiler", "comms_logger", "zero_allow_untested_optimizer")
+_DEEPSPEED_EXTRA_REFUSED = {
+    "gradient_clipping": "clipping only the server's share of the gradient changes the optimisation problem",
+    "gradient_accumulation_steps": "the server steps once per round, in lockstep with the clients",
+    "train_batch_size": "the server steps once per round, in lockstep with the clients",
+    "train_micro_batch_size_per_gpu": "the server steps once per round, in lockstep with the clients",
+    "fp16": "the precision follows model.dtype", "bf16": "the precision follows model.dtype",
+    "amp": "the precision follows model.dtype",
+    "communication_data_type": "the gradient reduction precision follows model.dtype",
+    "optimizer": "every part uses AdamW with train.lr and train.weight_decay",
+    "scheduler": "every part uses AdamW with train.lr and train.weight_decay",
+}
+
+
+def _check_deepspeed_extra(extra: dict) -> None:
+    for key, value in extra.items():
+        if key in _DEEPSPEED_EXTRA_REFUSED:
+            raise ConfigError(f"deepspeed.extra: key '{key}' is not allowed ({_DEEPSPEED_EXTRA_REFUSED[key]}); "
+                              f"allowed: {', '.join(DEEPSPEED_EXTRA_ALLOWED)}")
+        if key not in DEEPSPEED_EXTRA_ALLOWED:
+            raise ConfigError(f"deepspeed.extra: unknown key '{key}'; allowed: {', '.join(DEEPSPEED_EXTRA_ALLOWED)}")
+        if key == "zero_optimization":
+            if not isinstance(value, dict):
+                raise ConfigError(f"deepspeed.extra.zero_optimization: expected a mapping, got {value!r}")
+            if "stage" in value:
+                raise ConfigError("deepspeed.extra.zero_optimization.stage: set deepspeed.zero_stage instead")
+
+
 @dataclass(kw_only=True)
 class DeepSpeedConfig:
     zero_stage: int = _f(0, "ZeRO stage 0-3 for the server group's Part B.")
-    extra: dict = _f({}, "Extra keys merged into the DeepSpeed config dict (advanced).")
+    extra: dict = _f({}, "Extra keys merged into the DeepSpeed config dict (advanced); only keys that keep the split "
+                         "contract are accepted: " + ", ".join(sorted(DEEPSPEED_EXTRA_ALLOWED)) + " (zero_optimization "
+                         "without its stage).")
 
 
 @dataclass(kw_only=True)
@@ -319,6 +352,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(cfg.privacy.noise_seed >= -1, f"privacy.noise_seed: must be -1 (OS entropy) or >= 0, got {cfg.privacy.noise_seed}")
     need(cfg.debug.dump_wire_steps >= 0, f"debug.dump_wire_steps: must be >= 0, got {cfg.debug.dump_wire_steps}")
     need(cfg.federated.avg_every >= 0, f"federated.avg_every: must be >= 0, got {cfg.federated.avg_every}")
+    _check_deepspeed_extra(cfg.deepspeed.extra)
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
          f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not one of 0, 1, 2, 3")
     need(cfg.comm.timeout_s > 0, f"comm.timeout_s: must be > 0, got {cfg.comm.timeout_s}")

@@ -315,6 +315,8 @@ BAD_INPUTS = {
     "split_too_deep": (["split.head_layers=5"], 2, "split.head_layers"),
     "zero_stage": (["deepspeed.zero_stage=4"], 2, "deepspeed.zero_stage"),
     "missing_data": (["data.train_files=[missing.jsonl]"], 2, "data.train_files"),
+    "deepspeed_extra": (["deepspeed.extra={gradient_clipping: 1.0}"], 2, "deepspeed.extra"),
+    "noise_mode": (["privacy.noise_mode=loud"], 2, "privacy.noise_mode"),
 }
 
 

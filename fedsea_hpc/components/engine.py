@@ -27,7 +27,8 @@ def deepspeed_config(ds: DeepSpeedConfig, dtype: torch.dtype) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    conf.update(ds.extra)
+    for key, value in ds.extra.items():  # checked against an allow-list in config.validate
+        conf[key] = {**conf[key], **value} if isinstance(conf.get(key), dict) else value
     return conf
 
 
