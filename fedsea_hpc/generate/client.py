@@ -28,6 +28,7 @@ from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
 from fedsea_hpc.model.adapters import load_adapter
 from fedsea_hpc.model.partition import build_part, client_layers
 from fedsea_hpc.transport.p2p import ByteCounter
+from fedsea_hpc.transport.wire import Expect
 
 
 class GenClient:
@@ -51,7 +52,7 @@ class GenClient:
 
     def _exchange(self, h: torch.Tensor) -> torch.Tensor:
         self.link.send_activation(h, self.s)
-        out = self.link.recv_activation(self.s)
+        out = self.link.recv_activation(self.s, Expect(h.dtype, tuple(h.shape)))  # Part B keeps the shape
         self.s += 1
         return out.to(h.dtype)
 

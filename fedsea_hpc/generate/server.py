@@ -31,6 +31,7 @@ from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
 from fedsea_hpc.model.adapters import load_adapter
 from fedsea_hpc.model.partition import ServerSpans, build_part
 from fedsea_hpc.transport.p2p import ByteCounter
+from fedsea_hpc.transport.wire import Expect, WireError, check_lengths
 
 
 def _left_pad(h: torch.Tensor, t: int) -> torch.Tensor:
@@ -54,6 +55,7 @@ class GenServer:
             self.forward = server_engine(self.forward, topo, cfg.deepspeed, dtype)
             self.forward.eval()
         self.hidden = source.config.hidden_size
+        self.max_tokens = source.config.max_position_embeddings
         self.counter = ByteCounter()
         self.links = server_links(topo, cfg.comm, self.counter, device)
         self.s = dict.fromkeys(self.links, 0)  # per-client exchange counter (header step)
@@ -68,13 +70,18 @@ class GenServer:
         if not self.round:  # a new round: who has a batch?
             hs = []
             for c in list(self.running):
-                b = int(self.links[c].recv_control(self.s[c])[0])
+                link, s = self.links[c], self.s[c]
+                b = int(link.recv_control(s, Expect(torch.int64, (1,)))[0])
+                if not 0 <= b <= self.cfg.generate.batch_size:
+                    raise WireError(f"bad batch size from rank {link.peer}: {b}, expected 0..{self.cfg.generate.batch_size}")
                 if b == 0:
                     self.running.remove(c)
                     continue
-                n = self.links[c].recv_lengths(self.s[c])
-                hs.append(self.links[c].recv_activation(self.s[c]))
-                self.round.append({"c": c, "n": n.to(self.device), "rows": b})
+                n = link.recv_lengths(s, Expect(torch.int64, (b,)))
+                h = link.recv_activation(s, Expect(self.dtype, (b, (1, self.max_tokens), self.hidden)))
+                check_lengths(n, h.shape[1], link.peer)
+                hs.append(h)
+                self.round.append({"c": c, "n": n.to(self.device), "rows": b, "t": h.shape[1]})
             self.k = 0
             self.t = max((h.shape[1] for h in hs), default=0)
             self.cache = new_cache(self.part.config) if hs and self.cfg.generate.kv_cache else None
@@ -82,7 +89,7 @@ class GenServer:
         hs, keep, row = [], [], 0
         for e in list(self.round):
             c = e["c"]
-            h = self.links[c].recv_activation(self.s[c])
+            h = self._recv_decode(e)
             if h.shape[0] == 0:  # this client's batch ended
                 self.s[c] += 1
                 self.round.remove(e)
@@ -96,6 +103,17 @@ class GenServer:
             self.cache = None  # round over: free its keys/values
         self.k += 1
         return hs
+
+    def _recv_decode(self, e: dict) -> torch.Tensor:
+        """A decode-step input of a round client: [rows, q, H] (q = 1 with the KV cache, else the
+        whole sequence so far) or the header-only batch end [0, 1, H]; nothing else."""
+        link = self.links[e["c"]]
+        q = 1 if self.cfg.generate.kv_cache else e["t"] + self.k + 1
+        h = link.recv_activation(self.s[e["c"]], Expect(self.dtype, ((0, e["rows"]), (1, q), self.hidden)))
+        if tuple(h.shape) not in ((0, 1, self.hidden), (e["rows"], q, self.hidden)):
+            raise WireError(f"bad decode input from rank {link.peer}: shape {list(h.shape)}, expected "
+                            f"[{e['rows']}, {q}, {self.hidden}] or the batch end [0, 1, {self.hidden}]")
+        return h
 
     def tick(self) -> bool:
         """One lockstep tick; False when every server rank is out of clients."""

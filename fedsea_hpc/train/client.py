@@ -18,6 +18,7 @@ from fedsea_hpc.federated.client_sync import ClientSync
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import build_part, client_layers, client_union_layers, loss_sum
 from fedsea_hpc.transport.p2p import ByteCounter
+from fedsea_hpc.transport.wire import Expect
 
 
 class ClientWorker:
@@ -59,14 +60,15 @@ class ClientWorker:
         self.link.send_lengths(batch.lengths, step)
         self.link.send_activation(h_a, step)  # noised copy; h_a keeps its clean graph
         t1 = time.perf_counter()
-        h_b = self.link.recv_activation(step).requires_grad_(True)
+        mine = Expect(h_a.dtype, tuple(h_a.shape))  # h_B and dL/dh_A have exactly h_A's shape
+        h_b = self.link.recv_activation(step, mine).requires_grad_(True)
         t2 = time.perf_counter()
         out = self.part.run_layers(h_b, self.tail_ids, ctx)
         total = loss_sum(self.part.head_logits(out), batch.labels)
         (total / loss_norm).backward()
         self.link.send_gradient(h_b.grad, step)
         t3 = time.perf_counter()
-        g_a = self.link.recv_gradient(step)
+        g_a = self.link.recv_gradient(step, mine)
         t4 = time.perf_counter()
         h_a.backward(g_a.to(h_a.dtype))
         t5 = time.perf_counter()

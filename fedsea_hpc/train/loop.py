@@ -21,6 +21,7 @@ from fedsea_hpc.distributed.topology import Role, Topology
 from fedsea_hpc.model.adapters import save_adapter
 from fedsea_hpc.train.client import ClientWorker
 from fedsea_hpc.transport.p2p import ByteCounter
+from fedsea_hpc.transport.wire import Expect
 
 
 def _fault_injection(cfg: Config, rank: int, step: int) -> None:
@@ -63,7 +64,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                 dist.all_reduce(tok, group=topo.client_group)
                 norm = max(tok.item(), 1.0)
             else:  # sequential: wait for our turn, then a purely local step
-                worker.link.recv_control(step)
+                worker.link.recv_control(step, Expect(torch.int64, (1,)))
                 norm = max(float(n_local), 1.0)
             loss_sum = worker.run_step(batch, step, norm, times)
             n_tok = float(n_local)

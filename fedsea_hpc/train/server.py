@@ -21,6 +21,7 @@ from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import ServerSpans, build_part
 from fedsea_hpc.transport.p2p import ByteCounter
+from fedsea_hpc.transport.wire import Expect, check_lengths
 
 
 class ServerWorker:
@@ -37,11 +38,22 @@ class ServerWorker:
         self.engine = server_engine(self.model, topo, cfg.deepspeed, dtype, optimizer)
         self.hidden = source.config.hidden_size
         self.links = server_links(topo, cfg.comm, counter, device)
+        # What a client may send: at most a micro-batch of rows of at most seq_len tokens.
+        self.expect_lengths = Expect(torch.int64, ((1, cfg.train.micro_batch_size),))
+        self.max_tokens = cfg.train.seq_len
+
+    def _recv_inputs(self, c: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``c``'s lengths [B] and h_A [B, T, H], each checked before it is allocated."""
+        link = self.links[c]
+        lengths = link.recv_lengths(step, self.expect_lengths)
+        h = link.recv_activation(step, Expect(self.dtype, (len(lengths), (1, self.max_tokens), self.hidden)))
+        check_lengths(lengths, h.shape[1], link.peer)
+        return lengths, h
 
     def serve(self, clients: list[int], step: int, times: dict) -> None:
         """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
         t0 = time.perf_counter()
-        recv = [(c, self.links[c].recv_lengths(step), self.links[c].recv_activation(step)) for c in clients]
+        recv = [(c, *self._recv_inputs(c, step)) for c in clients]
         if step < self.cfg.debug.dump_wire_steps:
             self._dump(step, {f"client{c}_lengths": n for c, n, _ in recv} | {f"client{c}_activation": h for c, _, h in recv})
         t1 = time.perf_counter()
@@ -61,7 +73,7 @@ class ServerWorker:
         t2 = time.perf_counter()
         grads = []
         for c, _, h in recv:
-            g = self.links[c].recv_gradient(step)
+            g = self.links[c].recv_gradient(step, Expect(self.dtype, tuple(h.shape)))
             if step < self.cfg.debug.dump_wire_steps:
                 self._dump(step, {f"client{c}_gradient": g})
             grads.append(_pad_time(g.to(out.dtype), out.shape[1]))

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from fedsea_hpc.transport.wire import (
     HEADER_BYTES,
     HEADER_LEN,
+    Expect,
     Kind,
     bytes_to_tensor,
     decode_header,
@@ -114,8 +115,9 @@ class SendHandle:
 class RecvHandle:
     """A posted header receive; ``wait`` validates it, receives the payload and returns it."""
 
-    def __init__(self, channel: Channel, kind: Kind, step: int, header: torch.Tensor, work):
-        self._channel, self._kind, self._step = channel, kind, step
+    def __init__(self, channel: Channel, kind: Kind, step: int, header: torch.Tensor, work,
+                 expect: Expect | None = None):
+        self._channel, self._kind, self._step, self._expect = channel, kind, step, expect
         self._header, self._work = header, work
         self._result: torch.Tensor | None = None
 
@@ -185,8 +187,9 @@ class Channel:
             works.append(self._post(dist.isend, payload, what, step))
         return SendHandle(self, kind, step, works, (header, payload), payload.numel())
 
-    def irecv(self, kind: Kind, step: int) -> RecvHandle:
-        """Post the header receive for the next message, expected to be ``kind`` at ``step``."""
+    def irecv(self, kind: Kind, step: int, expect: Expect | None = None) -> RecvHandle:
+        """Post the header receive for the next message, expected to be ``kind`` at ``step``
+        (and to meet ``expect``, checked before the payload buffer is allocated)."""
         kind = Kind(kind)
         if self._recv_pending:
             # A second header irecv would be matched with the first message's payload bytes.
@@ -194,7 +197,7 @@ class Channel:
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         work = self._post(dist.irecv, header, f"{kind.name} header", step)
         self._recv_pending = True
-        return RecvHandle(self, kind, step, header, work)
+        return RecvHandle(self, kind, step, header, work, expect)
 
     def _finish_recv(self, h: RecvHandle) -> torch.Tensor:
         try:
@@ -206,6 +209,7 @@ class Channel:
                 max_bytes=self.max_bytes,
                 expect_kind=h._kind,
                 expect_step=h._step,
+                expect=h._expect,
                 peer=self.peer,
             )
             buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=self.device)
@@ -241,43 +245,43 @@ class Channel:
         """Send ``tensor`` and wait until the backend has taken it."""
         self.isend(kind, tensor, step).wait()
 
-    def recv(self, kind: Kind, step: int) -> torch.Tensor:
-        """Receive the next message, which must be ``kind`` at ``step``.
+    def recv(self, kind: Kind, step: int, expect: Expect | None = None) -> torch.Tensor:
+        """Receive the next message, which must be ``kind`` at ``step`` (and meet ``expect``).
 
         Raises ``WireError`` for an invalid header (nothing allocated; if the peer did send a
         payload after it, the stream is out of step and the channel should be dropped) and
         ``PeerLostError`` when the peer dies or the timeout expires.
         """
-        return self.irecv(kind, step).wait()
+        return self.irecv(kind, step, expect).wait()
 
     def send_activation(self, h: torch.Tensor, step: int) -> None:
         """Send hidden states ``[B, T, H]``."""
         self.send(Kind.ACTIVATION, h, step)
 
-    def recv_activation(self, step: int) -> torch.Tensor:
+    def recv_activation(self, step: int, expect: Expect | None = None) -> torch.Tensor:
         """Receive hidden states ``[B, T, H]``."""
-        return self.recv(Kind.ACTIVATION, step)
+        return self.recv(Kind.ACTIVATION, step, expect)
 
     def send_gradient(self, g: torch.Tensor, step: int) -> None:
         """Send dL/dh ``[B, T, H]``."""
         self.send(Kind.GRADIENT, g, step)
 
-    def recv_gradient(self, step: int) -> torch.Tensor:
+    def recv_gradient(self, step: int, expect: Expect | None = None) -> torch.Tensor:
         """Receive dL/dh ``[B, T, H]``."""
-        return self.recv(Kind.GRADIENT, step)
+        return self.recv(Kind.GRADIENT, step, expect)
 
     def send_lengths(self, lengths: torch.Tensor, step: int) -> None:
         """Send per-sample lengths ``[B]`` int64 (the compressed attention mask)."""
         self.send(Kind.LENGTHS, lengths.to(torch.int64), step)
 
-    def recv_lengths(self, step: int) -> torch.Tensor:
+    def recv_lengths(self, step: int, expect: Expect | None = None) -> torch.Tensor:
         """Receive per-sample lengths ``[B]`` int64."""
-        return self.recv(Kind.LENGTHS, step)
+        return self.recv(Kind.LENGTHS, step, expect)
 
     def send_control(self, values: torch.Tensor, step: int) -> None:
         """Send a small control vector (e.g. token counts)."""
         self.send(Kind.CONTROL, values, step)
 
-    def recv_control(self, step: int) -> torch.Tensor:
+    def recv_control(self, step: int, expect: Expect | None = None) -> torch.Tensor:
         """Receive a small control vector."""
-        return self.recv(Kind.CONTROL, step)
+        return self.recv(Kind.CONTROL, step, expect)

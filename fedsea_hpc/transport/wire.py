@@ -85,6 +85,38 @@ class Header:
         return math.prod(self.shape)
 
 
+Dim = int | tuple[int, int]  # an exact size, or an inclusive range (lo, hi)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a receiver accepts next, beyond the protocol's own rules: the dtype, and per dim an
+    exact size or an inclusive range. Checked on the header, before anything is allocated, so the
+    largest buffer a peer can make a receiver allocate is bounded by the expectation.
+
+    ``Expect(torch.float32, ((1, 8), (1, 128), 64))``: [1..8, 1..128, 64] float32.
+    """
+
+    dtype: torch.dtype
+    dims: tuple[Dim, ...]
+
+    def problem(self, dtype: torch.dtype, shape: tuple[int, ...]) -> str | None:
+        """Why ``dtype``/``shape`` do not meet the expectation, or None."""
+        if dtype != self.dtype:
+            return f"dtype {dtype} is not the expected {self.dtype}"
+        if len(shape) != len(self.dims):
+            return f"shape {list(shape)} is not {len(self.dims)}-d like the expected {self}"
+        for i, (d, want) in enumerate(zip(shape, self.dims)):
+            lo, hi = (want, want) if isinstance(want, int) else want
+            if not lo <= d <= hi:
+                return f"dim {i} of shape {list(shape)} is {d}, expected {lo if lo == hi else f'{lo}..{hi}'}"
+        return None
+
+    def __str__(self) -> str:
+        dims = ", ".join(str(d) if isinstance(d, int) else f"{d[0]}..{d[1]}" for d in self.dims)
+        return f"{str(self.dtype).removeprefix('torch.')}[{dims}]"
+
+
 def encode_header(kind: Kind, step: int, tensor: torch.Tensor) -> torch.Tensor:
     """Build the ``[HEADER_LEN]`` int64 CPU header describing ``tensor`` (kind, ``step >= 0``).
 
@@ -110,6 +142,7 @@ def decode_header(
     max_bytes: int,
     expect_kind: Kind | None = None,
     expect_step: int | None = None,
+    expect: Expect | None = None,
     peer: int | None = None,
 ) -> Header:
     """Validate a received ``[HEADER_LEN]`` int64 header (any device) before anything is allocated.
@@ -120,6 +153,8 @@ def decode_header(
         Largest payload this receiver accepts.
     expect_kind, expect_step : optional
         If given, the header must carry exactly this kind / step.
+    expect : Expect, optional
+        If given, dtype and shape must meet it.
     peer : int, optional
         Sender rank, used only in error messages.
 
@@ -170,6 +205,8 @@ def decode_header(
         raise fail(f"expected kind {Kind(expect_kind).name}, got {kind.name}")
     if expect_step is not None and step != expect_step:
         raise fail(f"expected step {expect_step}, got {step} ({kind.name})")
+    if expect is not None and (why := expect.problem(dtype, shape)):
+        raise fail(f"{kind.name}: {why}")
     return Header(kind=kind, step=step, dtype=dtype, shape=shape, nbytes=nbytes)
 
 
@@ -189,3 +226,10 @@ def bytes_to_tensor(buf: torch.Tensor, header: Header) -> torch.Tensor:
             f"payload buffer {buf.dtype}{list(buf.shape)} does not hold {header.nbytes} bytes"
         )
     return buf.view(header.dtype).view(header.shape)
+
+
+def check_lengths(lengths: torch.Tensor, seq_len: int, peer: int) -> None:
+    """Received per-sample lengths ``[B]`` must each lie in ``1..seq_len`` (T of the batch they
+    describe); raises ``WireError`` naming ``peer``."""
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
+        raise WireError(f"bad lengths from rank {peer}: {lengths.tolist()[:8]} not all within 1..{seq_len}")
