@@ -1,7 +1,7 @@
 """The README's default job, recorded: ``launch/local.sh`` with no arguments, as a user runs it.
 
-Runs ``configs/default.yaml`` under ``mpiexec -n 3`` (2 clients + 1 server rank, the CLI's
-thread default), on a quiet machine when it can wait for one, and records the loss curve, wall
+Runs ``configs/default.yaml`` under ``mpiexec -n <ranks it needs>`` (3 clients + 1 server rank,
+the CLI's thread default), on a quiet machine when it can wait for one, and records the loss curve, wall
 time, step time, bytes and the machine in JSON; prints a one-row markdown table.
 
     python benchmarks/default_job.py --out benchmarks/results/default_job.json
@@ -12,6 +12,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("OMP_NUM_THREADS", None)
     with tempfile.TemporaryDirectory(prefix="fedsea_default_") as tmp:
         odir = Path(tmp) / "run"
-        cmd = [_mpiexec(), "-n", "3", sys.executable, "-m", "fedsea_hpc", "train", "--config",
+        ranks = subprocess.run([sys.executable, "-m", "fedsea_hpc", "ranks", "--config", "configs/default.yaml"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        cmd = [_mpiexec(), "-n", ranks, sys.executable, "-m", "fedsea_hpc", "train", "--config",
                "configs/default.yaml", "run.progress=false", "run.log_every=20", f"run.output_dir={odir}"]
 
         def finish(run: dict, out: Path) -> None:
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             run["summary"]["losses"] = s["losses"]
 
         run = least_disturbed_run("default", cmd, env, odir, args, {"config": "configs/default.yaml"}, finish)
-    run["command"] = ["mpiexec", "-n", "3", "python", *run["command"][4:-1]]  # without local paths
+    run["command"] = ["mpiexec", "-n", ranks, "python", *run["command"][4:-1]]  # without local paths
     s = run["summary"]
     print("| steps | loss first → last | training wall s | ms/step | process wall s (incl. start-up) |")
     print("|---:|---|---:|---:|---:|")

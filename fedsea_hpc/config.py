@@ -107,6 +107,10 @@ class FederatedConfig:
     avg_every: int = _f(1, "Average client-side trainable parameters over the clients every this many steps, "
                            "weighted by samples. 1 averages gradients every step (FedSGD), which equals "
                            "centralized training; 0 never averages.")
+    secure_aggregation: Literal["auto", True, False] = _f(
+        "auto", "Sum client updates (FedSGD gradients, FedAvg parameters) under pairwise additive masks from X25519 "
+                "keys, so no client sees another's individual update, only the sum; exact in fixed point. auto = on "
+                "from 3 clients up (with 2, the sum minus one's own update is the other's: masks cannot hide it).")
 
 
 @dataclass(kw_only=True)
@@ -167,6 +171,9 @@ class CommConfig:
 class DebugConfig:
     fail_rank: int = _f(-1, "Fault injection for tests: this rank exits abruptly ...")
     fail_step: int = _f(-1, "... at the start of this step (-1 = never).")
+    dump_aggregation_steps: int = _f(0, "Under secure aggregation, each client saves its raw and masked integer "
+                                        "update and the sum for the first this many aggregations under "
+                                        "run.output_dir/secagg/ (audits and tests); 0 = off.")
     dump_wire_steps: int = _f(0, "Server ranks save every tensor received during the first this many steps under "
                                  "run.output_dir/wire/ (to audit what leaves a client); 0 = off.")
 
@@ -219,6 +226,11 @@ class Config:
     def splits(self) -> list[tuple[int, int]]:
         """(p, q) of every client rank, in client order."""
         return [self.split_for(c) for c in range(self.topology.clients)]
+
+    def secure_aggregation(self) -> bool:
+        """Whether client sums are masked (``federated.secure_aggregation``, auto = 3+ clients)."""
+        sa = self.federated.secure_aggregation
+        return sa is True or (sa == "auto" and self.topology.clients >= 3)
 
     def world_size(self) -> int:
         return 1 if self.train.mode == "centralized" else self.topology.clients + self.topology.servers
@@ -350,6 +362,8 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
         v = getattr(cfg.privacy, k)
         need(v >= 0, f"privacy.{k}: must be >= 0, got {v}")
     need(cfg.privacy.noise_seed >= -1, f"privacy.noise_seed: must be -1 (OS entropy) or >= 0, got {cfg.privacy.noise_seed}")
+    need(cfg.debug.dump_aggregation_steps >= 0,
+         f"debug.dump_aggregation_steps: must be >= 0, got {cfg.debug.dump_aggregation_steps}")
     need(cfg.debug.dump_wire_steps >= 0, f"debug.dump_wire_steps: must be >= 0, got {cfg.debug.dump_wire_steps}")
     need(cfg.federated.avg_every >= 0, f"federated.avg_every: must be >= 0, got {cfg.federated.avg_every}")
     _check_deepspeed_extra(cfg.deepspeed.extra)

@@ -54,18 +54,18 @@ def fake_slurm(tmp_path):
 
 @pytest.mark.multirank
 def test_sbatch_script_runs_the_job_through_srun(fake_slurm, tmp_path):
-    proc = fake_slurm(3, "--config", "configs/default.yaml", "train.steps=3", f"run.output_dir={tmp_path / 'out'}",
+    proc = fake_slurm(4, "--config", "configs/default.yaml", "train.steps=3", f"run.output_dir={tmp_path / 'out'}",
                       "run.progress=false", "comm.timeout_s=30")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_summary(tmp_path / "out")["steps"] == 3
 
 
-@pytest.mark.parametrize("script, config", [("train.sbatch", "configs/default.yaml"),
-                                            ("generate.sbatch", "configs/generate.yaml")])
-def test_sbatch_script_refuses_a_task_count_that_does_not_match(fake_slurm, tmp_path, script, config):
-    proc = fake_slurm(4, "--config", config, f"run.output_dir={tmp_path / 'out'}", script=script)
+@pytest.mark.parametrize("script, config, need", [("train.sbatch", "configs/default.yaml", 4),
+                                                  ("generate.sbatch", "configs/generate.yaml", 3)])
+def test_sbatch_script_refuses_a_task_count_that_does_not_match(fake_slurm, tmp_path, script, config, need):
+    proc = fake_slurm(need + 1, "--config", config, f"run.output_dir={tmp_path / 'out'}", script=script)
     assert proc.returncode == 2
-    assert "needs 3 ranks" in proc.stderr and "4 tasks" in proc.stderr
+    assert f"needs {need} ranks" in proc.stderr and f"{need + 1} tasks" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

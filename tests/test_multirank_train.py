@@ -62,9 +62,9 @@ class Runs:
                          f"deepspeed.zero_stage={zero}"], clients + servers)
 
     def default(self) -> Path:
-        """The README's default job, ``configs/default.yaml`` (2 clients x 1 server, full fine-tuning,
-        ZeRO-2, paper noise), cut to 40 of its 100 steps."""
-        return self.get("default", [f"train.steps={DEFAULT_STEPS}"], 3, config=DEFAULT_CONFIG)
+        """The README's default job, ``configs/default.yaml`` (3 clients x 1 server, full fine-tuning,
+        ZeRO-2, paper noise, secure aggregation), cut to 40 of its 100 steps."""
+        return self.get("default", [f"train.steps={DEFAULT_STEPS}"], 4, config=DEFAULT_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,7 @@ def test_split_training_equals_centralized(runs, clients, servers, zero):
     out = runs.parallel(clients, servers, zero)
     got = load_summary(out)
     assert got["mode"] == "parallel" and ref["mode"] == "centralized"
+    assert got["secure_aggregation"] is (clients >= 3)  # 3 clients: the sums below were masked
     assert len(got["losses"]) == len(ref["losses"]) == STEPS
     assert got["tokens_total"] == ref["tokens_total"] and got["samples_total"] == ref["samples_total"]
     diffs = [abs(a - b) for a, b in zip(got["losses"], ref["losses"])]
@@ -179,9 +180,9 @@ def test_wire_bytes_are_exactly_hidden_states_and_lengths(runs, which):
 
 def test_noise_does_not_change_what_is_sent(runs):
     """Same data, same clients: noise 0 and the default noise send byte-identical traffic per step.
-    (The two runs also differ in lr, server count, ZeRO stage and LoRA vs full fine-tuning, none of
-    which may change the bytes either.)"""
-    noisy, clean = load_metrics(runs.default()), load_metrics(runs.parallel(2, 2, 0))
+    (The two runs also differ in lr and LoRA vs full fine-tuning, none of which may change the
+    bytes either.)"""
+    noisy, clean = load_metrics(runs.default()), load_metrics(runs.parallel(3, 1, 2))
     assert len(clean) == 20
     for a, b in zip(noisy, clean):
         assert a["bytes_sent_by_kind"] == b["bytes_sent_by_kind"], a["step"]

@@ -4,13 +4,17 @@ Clients may own different blocks (per-client partition points): block 2 can live
 but on the server for client 1. Each tensor is therefore averaged over the clients that *hold*
 it. All clients build the same slot list from the config alone (the union of client-held blocks
 × the per-block parameter suffixes, then the non-block parameters), contribute zeros with zero
-weight where they hold nothing, and one flat ``all_reduce`` does the rest.
+weight where they hold nothing, and one flat sum over the clients does the rest: a plain
+all-reduce, or ``secure_sum`` (pairwise-masked, :mod:`fedsea_hpc.privacy.secure_agg`) so that
+no client sees another's individual update, only the sum.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from typing import Callable
 
 from fedsea_hpc.federated.aggregate import allreduce_sum_
 from fedsea_hpc.model.names import split_layer_name
@@ -27,10 +31,14 @@ class ClientSync:
         Blocks held by at least one client (the same list on every client).
     group : ProcessGroup or None
         The client group.
+    secure_sum : callable, optional
+        Replaces a flat float vector by its sum over the group without revealing the parts
+        (e.g. :class:`fedsea_hpc.privacy.secure_agg.SecureSum`); None = a plain all-reduce.
     """
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]], union_layers: list[int], group=None):
-        self.group = group
+    def __init__(self, named: list[tuple[str, torch.Tensor]], union_layers: list[int], group=None,
+                 secure_sum: Callable[[torch.Tensor], None] | None = None):
+        self.group, self.secure_sum = group, secure_sum
         own = dict(named)
         by_suffix: dict[str, torch.Tensor] = {}
         others: list[str] = []
@@ -60,11 +68,16 @@ class ClientSync:
         ref = next(iter(tensors.values()))
         chunks = [(tensors[n] * weight).reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=ref.dtype, device=ref.device)
                   for n, s, _ in self.slots]
-        flat = torch.cat(chunks)
         w = torch.zeros(len(self.union_layers) + 2, dtype=ref.dtype, device=ref.device)
         w[self.held_layers] = weight
         w[-2], w[-1] = weight, float(bad)  # w[-2] is w[len(union)]: the shared tensors' weight
-        allreduce_sum_([flat, w], group=self.group)
+        # Weights are summed with the values: under secure aggregation a peer learns neither.
+        buf = torch.cat(chunks + [w]).to(torch.promote_types(ref.dtype, torch.float32))
+        if self.secure_sum is None:
+            allreduce_sum_([buf], group=self.group)
+        else:
+            self.secure_sum(buf)
+        flat, w = buf[:-len(w)], buf[-len(w):]
         if w[-1] > 0:
             raise ValueError(f"FedAvg: {int(w[-1])} client(s) gave a negative or non-finite weight")
         if average and bool((w[:-1] <= 0).any()):  # the same verdict on every client

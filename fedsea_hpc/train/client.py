@@ -6,6 +6,7 @@ lengths and noised ``h_A`` [B, T, H], receives ``h_B`` [B, T, H], computes the l
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -17,6 +18,7 @@ from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.federated.client_sync import ClientSync
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import build_part, client_layers, client_union_layers, loss_sum
+from fedsea_hpc.privacy.secure_agg import SecureSum, agree_keys
 from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect
 
@@ -40,7 +42,13 @@ class ClientWorker:
         self.data = ClientData(cfg.data.train_files, self.index, cfg.topology.clients, tokenizer,
                                cfg.train.seq_len, cfg.run.seed)
         self.batches = self.data.batches(cfg.train.micro_batch_size)
-        self.sync = ClientSync(self.params, client_union_layers(n_layers, cfg.splits()), topo.client_group)
+        self.secure_sum = None
+        if cfg.secure_aggregation():  # a collective over the client group: every client is here now
+            keys = agree_keys(self.index, topo.clients, topo.client_group, device)
+            self.secure_sum = SecureSum(self.index, topo.clients, topo.client_group, keys,
+                                        record=cfg.debug.dump_aggregation_steps > 0)
+        self.sync = ClientSync(self.params, client_union_layers(n_layers, cfg.splits()), topo.client_group,
+                               secure_sum=self.secure_sum)
         self.samples_since_avg = 0
 
     def next_batch(self):
@@ -85,6 +93,7 @@ class ClientWorker:
             for _, p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(grad_scale)
+        self._dump_aggregation()
         t1 = time.perf_counter()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -95,5 +104,16 @@ class ClientWorker:
         """Sample-weighted average of the client-side trainable parameters."""
         t0 = time.perf_counter()
         self.sync.average_params(self.samples_since_avg)
+        self._dump_aggregation()
         self.samples_since_avg = 0
         times["sync_s"] += time.perf_counter() - t0
+
+    def _dump_aggregation(self) -> None:
+        """debug.dump_aggregation_steps: what this client put into the last secure sum."""
+        ss = self.secure_sum
+        if ss is None or not ss.last or ss.calls > self.cfg.debug.dump_aggregation_steps:
+            return
+        out = os.path.join(self.cfg.run.output_dir, "secagg", f"call{ss.calls - 1}")
+        os.makedirs(out, exist_ok=True)
+        torch.save(ss.last, os.path.join(out, f"client{self.index}.pt"))
+        ss.last = {}

@@ -16,7 +16,7 @@ from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically
 from fedsea_hpc.config import Config
-from fedsea_hpc.distributed.env import store_barrier
+from fedsea_hpc.distributed.env import say, store_barrier
 from fedsea_hpc.distributed.topology import Role, Topology
 from fedsea_hpc.model.adapters import save_adapter
 from fedsea_hpc.train.client import ClientWorker
@@ -37,6 +37,10 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     ``device`` is where this rank computes and what its collectives carry (CPU for gloo, the
     local GPU for NCCL, which only moves CUDA tensors)."""
     counter = ByteCounter()
+    if topo.rank == 0 and topo.clients == 2 and cfg.federated.avg_every > 0:
+        say("fedsea: warning: federated.avg_every: with 2 clients each one learns the other's update from the "
+            "sum (sum minus its own), with or without federated.secure_aggregation; with peft.lora_r=0 that "
+            "includes embedding gradients, whose rows name the other client's tokens. Use LoRA or >= 3 clients.")
     if topo.role is Role.CLIENT:
         worker = ClientWorker(cfg, topo, source, tokenizer, counter, dtype, device)
     else:
@@ -93,7 +97,8 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
     dist.barrier()
-    return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy))
+    return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
+                      | {"secure_aggregation": cfg.secure_aggregation()})
 
 
 def _data_stats(topo: Topology, worker, device: torch.device) -> dict:
