@@ -190,8 +190,10 @@ def test_noise_generator_is_private_unless_a_test_seed_is_given():
 @pytest.mark.parametrize("override, key", [("privacy.noise_mode=loud", "privacy.noise_mode"),
                                            ("privacy.noise_seed=-2", "privacy.noise_seed"),
                                            ("privacy.noise_seed=1.5", "privacy.noise_seed"),
-                                           ("debug.dump_wire_steps=-1", "debug.dump_wire_steps")])
-def test_bad_noise_settings_name_their_key(override, key):
+                                           ("debug.dump_wire_steps=-1", "debug.dump_wire_steps"),
+                                           ("federated.secure_aggregation=sometimes", "federated.secure_aggregation"),
+                                           ("debug.dump_aggregation_steps=-3", "debug.dump_aggregation_steps")])
+def test_bad_privacy_settings_name_their_key(override, key):
     from fedsea_hpc.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
