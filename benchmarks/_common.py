@@ -33,9 +33,10 @@ def mpiexec() -> str:
 
 def split_threads(clients: int, servers: int) -> dict:
     """What ``fedsea_hpc.distributed.process.threads_for`` picks per role when OMP_NUM_THREADS is unset and the job
-    shares one node: clients and servers take turns, so each role splits the cores among its ranks."""
-    cores = len(os.sched_getaffinity(0))
-    return {"client": max(1, cores // clients), "server": max(1, cores // servers)}
+    shares one node (the same function decides)."""
+    from fedsea_hpc.distributed.process import role_threads
+
+    return role_threads(len(os.sched_getaffinity(0)), clients, servers)
 
 
 def cpu_busy_s() -> float:

@@ -32,7 +32,8 @@ from _common import REPO, SMOLLM2_DIR, least_disturbed_run, machine_info, split_
 from _common import ensure_smollm2 as _ensure_smollm2  # noqa: E402
 from _common import mpiexec as _mpiexec  # noqa: E402
 
-PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients_s", "sync_s", "optim_s")
+from fedsea_hpc.components.metrics import PHASES  # noqa: E402
+
 WARMUP = 2  # the summary's mean_step_time_s excludes the first 2 steps; so do our phase means
 
 # Per-model defaults; --steps/--seq-len/--micro-batch override them for every model.

@@ -92,13 +92,14 @@ def test_weighted_average_errors(arrays, weights, match):
         weighted_average(arrays, weights)
 
 
-def test_single_process_allreduce_sum_is_a_noop():
-    # No process group initialised: nothing changes, None entries are fine.
+def test_single_process_allreduce_sum_is_a_noop_and_refuses_low_precision():
+    # No process group initialised: nothing changes.
     assert not dist.is_initialized()
     g = torch.ones(3)
-    allreduce_sum_([g, None])
-    allreduce_sum_([])
+    allreduce_sum_(g)
     assert torch.equal(g, torch.ones(3))
+    with pytest.raises(TypeError, match="bfloat16"):
+        allreduce_sum_(torch.ones(3, dtype=torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------- 3 gloo ranks
@@ -125,11 +126,9 @@ def holders(name: str) -> list[int]:
     return [c for c in range(WORLD) if name in names_of(c)]
 
 
-def rank_params(rank: int) -> list[torch.Tensor]:
-    """Plain tensors for the allreduce_sum_ checks: shapes [3, 4], [5] (fp32) and [2, 2] (bf16)."""
-    g = torch.Generator().manual_seed(100 + rank)
-    return [torch.randn(3, 4, generator=g), torch.randn(5, generator=g),
-            torch.randn(2, 2, generator=g).to(torch.bfloat16)]
+def rank_buffer(rank: int) -> torch.Tensor:
+    """A [17] float32 buffer for the allreduce_sum_ check, different on every rank."""
+    return torch.randn(17, generator=torch.Generator().manual_seed(100 + rank))
 
 
 def _check_client_sync(rank: int) -> None:
@@ -176,17 +175,9 @@ def _check_client_sync(rank: int) -> None:
 
 
 def _check_allreduce_sum(rank: int) -> None:
-    # the sum, None entries skipped on every rank
-    grads = [rank_params(rank)[0], None, rank_params(rank)[1]]
-    allreduce_sum_(grads)
-    assert grads[1] is None
-    for got, i in ((grads[0], 0), (grads[2], 1)):
-        want = sum(rank_params(r)[i] for r in range(WORLD))
-        torch.testing.assert_close(got, want)
-    # None at different indices (same buffer size) is caught on every rank: none is left in a collective
-    mixed = [torch.ones(2), None] if rank == 0 else [None, torch.ones(2)]
-    with pytest.raises(ValueError, match="None on some ranks"):
-        allreduce_sum_(mixed)
+    buf = rank_buffer(rank)
+    allreduce_sum_(buf)
+    torch.testing.assert_close(buf, sum(rank_buffer(r) for r in range(WORLD)))
 
 
 def _worker(rank: int, port: int) -> None:

@@ -130,7 +130,8 @@ def test_default_config_loss_goes_down(runs):
     s = load_summary(runs.default())
     losses = s["losses"]
     assert len(losses) == DEFAULT_STEPS and all(l == l and l < 20 for l in losses)  # finite
-    # Measured (2 cores, seed 0): 5.70 -> mean of the last 5 steps 3.02 (a drop of 2.7); demand 1.5.
+    # A drop of 1.5 in 40 steps is far beyond run-to-run noise (the default job's full recorded
+    # curve: benchmarks/results/default_job.json).
     tail = sum(losses[-5:]) / 5
     assert tail < losses[0] - 1.5, losses
     assert s["final_loss"] == losses[-1] and s["first_loss"] == losses[0]

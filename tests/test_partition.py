@@ -2,8 +2,6 @@
 and backward (as the client and server workers chain them) equal the unsplit HF model."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE
 from fedsea_hpc.model.loading import resolve_model
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.masks import lengths_to_mask
-from fedsea_hpc.model.names import layer_of
+from fedsea_hpc.model.names import layer_of, name_seed
 from fedsea_hpc.model.partition import PartModel, build_part, client_layers, loss_sum, part_keys, server_layers
 
 L = 6
@@ -109,8 +107,7 @@ def _randomize_lora_b(model: torch.nn.Module) -> None:
     every side so the adapters do change the forward."""
     for name, prm in trainable(model):
         if "lora_B" in name:
-            seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
-            g = torch.Generator().manual_seed(seed)
+            g = torch.Generator().manual_seed(name_seed(0, name))
             with torch.no_grad():
                 prm.copy_(torch.randn(prm.shape, generator=g) * 0.05)
 

@@ -16,6 +16,11 @@ from fedsea_hpc.distributed.env import LaunchInfo, say, setup_torch_env
 from fedsea_hpc.distributed.topology import Role, Topology
 
 
+def role_threads(cores: int, clients: int, servers: int) -> dict[str, int]:
+    """Torch threads per role when one node holds the whole job: ``{"client": .., "server": ..}``."""
+    return {"client": max(1, cores // max(clients, 1)), "server": max(1, cores // max(servers, 1))}
+
+
 def threads_for(launch: LaunchInfo, topo: Topology | None) -> int:
     """Torch threads for this rank: ``OMP_NUM_THREADS`` if set, else a share of the cores.
 
@@ -31,10 +36,8 @@ def threads_for(launch: LaunchInfo, topo: Topology | None) -> int:
                 or os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE")
                 or launch.world_size)
     if topo is not None and local == launch.world_size:
-        share = topo.servers if topo.role is Role.SERVER else topo.clients
-    else:
-        share = local
-    return max(1, cores // max(share, 1))
+        return role_threads(cores, topo.clients, topo.servers)["server" if topo.role is Role.SERVER else "client"]
+    return max(1, cores // max(local, 1))
 
 
 def start(launch: LaunchInfo, topo: Topology, backend: str, timeout_s: float):

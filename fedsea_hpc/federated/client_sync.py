@@ -74,7 +74,7 @@ class ClientSync:
         # Weights are summed with the values: under secure aggregation a peer learns neither.
         buf = torch.cat(chunks + [w]).to(torch.promote_types(ref.dtype, torch.float32))
         if self.secure_sum is None:
-            allreduce_sum_([buf], group=self.group)
+            allreduce_sum_(buf, group=self.group)
         else:
             self.secure_sum(buf)
         flat, w = buf[:-len(w)], buf[-len(w):]

@@ -21,7 +21,7 @@ import torch
 
 from fedsea_hpc.components.links import client_link
 from fedsea_hpc.components.outputs import write_text_atomically
-from fedsea_hpc.config import Config
+from fedsea_hpc.config import CommConfig, Config, GenerateConfig, PrivacyConfig
 from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.generate.decoding import new_cache, next_tokens
 from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
@@ -32,17 +32,20 @@ from fedsea_hpc.transport.wire import Expect
 
 
 class GenClient:
-    def __init__(self, cfg: Config, topo, source, tokenizer, dtype: torch.dtype, device: torch.device):
-        self.cfg, self.g, self.device, self.tok = cfg, cfg.generate, device, tokenizer
+    """Parts A and C of one client with their KV cache; ``split`` is this client's (p, q)."""
+
+    def __init__(self, topo, source, tokenizer, dtype: torch.dtype, device: torch.device, *,
+                 split: tuple[int, int], generate: GenerateConfig, privacy: PrivacyConfig, comm: CommConfig):
+        self.g, self.device, self.tok = generate, device, tokenizer
         self.index = topo.client_index
         n_layers = source.config.num_hidden_layers
-        p, q = cfg.split_for(self.index)
+        p, q = split
         self.head_ids, self.tail_ids = list(range(p)), list(range(n_layers - q, n_layers))
         self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).to(device)
         adapter = os.path.join(self.g.adapters_dir, f"client{self.index}") if self.g.adapters_dir else None
         self.model = load_adapter(self.part, adapter).eval()
         self.counter = ByteCounter()
-        self.link = client_link(topo, cfg.comm, cfg.privacy, self.counter, device, noise=self.g.noise)
+        self.link = client_link(topo, comm, privacy, self.counter, device, noise=self.g.noise)
         self.sampler = torch.Generator().manual_seed(self.g.seed + self.index)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -139,7 +142,8 @@ class GenClient:
 
 
 def run_client(cfg: Config, topo, source, tokenizer, prompts, dtype, device) -> dict | None:
-    worker = GenClient(cfg, topo, source, tokenizer, dtype, device)
+    worker = GenClient(topo, source, tokenizer, dtype, device, split=cfg.split_for(topo.client_index),
+                       generate=cfg.generate, privacy=cfg.privacy, comm=cfg.comm)
     bs = cfg.generate.batch_size
     # every part is built: start the clock together
     store_barrier("fedsea/gen-parts-ready", topo.world_size, cfg.comm.startup_timeout_s)
@@ -152,4 +156,5 @@ def run_client(cfg: Config, topo, source, tokenizer, prompts, dtype, device) -> 
     wall = time.perf_counter() - t0
     path = os.path.join(cfg.run.output_dir, f"generations-client{worker.index}.jsonl")
     write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return finish_stats(cfg, topo, device, worker.stats, wall)
+    return finish_stats(topo, device, worker.stats, wall, generate=cfg.generate, privacy=cfg.privacy,
+                        output_dir=cfg.run.output_dir)

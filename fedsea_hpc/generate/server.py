@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from fedsea_hpc.components.links import server_links
-from fedsea_hpc.config import Config
+from fedsea_hpc.config import CommConfig, Config, DeepSpeedConfig, GenerateConfig
 from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.generate.decoding import new_cache
@@ -40,24 +40,28 @@ def _left_pad(h: torch.Tensor, t: int) -> torch.Tensor:
 
 
 class GenServer:
-    def __init__(self, cfg: Config, topo: Topology, source, dtype: torch.dtype, device: torch.device):
-        self.cfg, self.topo, self.dtype, self.device = cfg, topo, dtype, device
-        g = cfg.generate
-        self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, cfg.splits())
+    """Part B on one server rank during generation; ``splits`` is every client's (p, q)."""
+
+    def __init__(self, topo: Topology, source, dtype: torch.dtype, device: torch.device, *,
+                 splits: list[tuple[int, int]], generate: GenerateConfig, deepspeed: DeepSpeedConfig,
+                 comm: CommConfig):
+        self.topo, self.dtype, self.device = topo, dtype, device
+        self.g = g = generate
+        self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, splits)
         self.part = build_part(source, list(self.spans.layer_ids), embed=False, head=False, dtype=dtype).to(device)
         # The module that owns the parameters (peft-wrapped when a LoRA adapter is loaded); its
         # forward is PartModel.forward, one call per tick.
         self.forward = load_adapter(self.part, os.path.join(g.adapters_dir, "server") if g.adapters_dir else None).eval()
-        if cfg.deepspeed.zero_stage == 3:
+        if deepspeed.zero_stage == 3:
             # Only ZeRO-3 shards parameters; stages 0-2 shard optimizer state, which inference has none of.
             from fedsea_hpc.components.engine import server_engine
 
-            self.forward = server_engine(self.forward, topo, cfg.deepspeed, dtype)
+            self.forward = server_engine(self.forward, topo, deepspeed, dtype)
             self.forward.eval()
         self.hidden = source.config.hidden_size
         self.max_tokens = source.config.max_position_embeddings
         self.counter = ByteCounter()
-        self.links = server_links(topo, cfg.comm, self.counter, device)
+        self.links = server_links(topo, comm, self.counter, device)
         self.s = dict.fromkeys(self.links, 0)  # per-client exchange counter (header step)
         self.running = list(self.links)  # clients that may still send batches
         self.round: list[dict] = []  # clients of the current round: {"c", "n" [B_c], "rows"}
@@ -72,8 +76,8 @@ class GenServer:
             for c in list(self.running):
                 link, s = self.links[c], self.s[c]
                 b = int(link.recv_control(s, Expect(torch.int64, (1,)))[0])
-                if not 0 <= b <= self.cfg.generate.batch_size:
-                    raise WireError(f"bad batch size from rank {link.peer}: {b}, expected 0..{self.cfg.generate.batch_size}")
+                if not 0 <= b <= self.g.batch_size:
+                    raise WireError(f"bad batch size from rank {link.peer}: {b}, expected 0..{self.g.batch_size}")
                 if b == 0:
                     self.running.remove(c)
                     continue
@@ -84,7 +88,7 @@ class GenServer:
                 self.round.append({"c": c, "n": n.to(self.device), "rows": b, "t": h.shape[1]})
             self.k = 0
             self.t = max((h.shape[1] for h in hs), default=0)
-            self.cache = new_cache(self.part.config) if hs and self.cfg.generate.kv_cache else None
+            self.cache = new_cache(self.part.config) if hs and self.g.kv_cache else None
             return hs
         hs, keep, row = [], [], 0
         for e in list(self.round):
@@ -108,7 +112,7 @@ class GenServer:
         """A decode-step input of a round client: [rows, q, H] (q = 1 with the KV cache, else the
         whole sequence so far) or the header-only batch end [0, 1, H]; nothing else."""
         link = self.links[e["c"]]
-        q = 1 if self.cfg.generate.kv_cache else e["t"] + self.k + 1
+        q = 1 if self.g.kv_cache else e["t"] + self.k + 1
         h = link.recv_activation(self.s[e["c"]], Expect(self.dtype, ((0, e["rows"]), (1, q), self.hidden)))
         if tuple(h.shape) not in ((0, 1, self.hidden), (e["rows"], q, self.hidden)):
             raise WireError(f"bad decode input from rank {link.peer}: shape {list(h.shape)}, expected "
@@ -143,11 +147,13 @@ class GenServer:
 
 
 def run_server(cfg: Config, topo: Topology, source, dtype, device) -> dict | None:
-    worker = GenServer(cfg, topo, source, dtype, device)
+    worker = GenServer(topo, source, dtype, device, splits=cfg.splits(), generate=cfg.generate,
+                       deepspeed=cfg.deepspeed, comm=cfg.comm)
     store_barrier("fedsea/gen-parts-ready", topo.world_size, cfg.comm.startup_timeout_s)
     t0 = time.perf_counter()
     with torch.no_grad():
         while worker.tick():
             pass
     stats = dict.fromkeys(STAT_KEYS, 0.0) | {"server_forwards": worker.ticks, "server_dummy_forwards": worker.dummy_ticks}
-    return finish_stats(cfg, topo, device, stats, time.perf_counter() - t0)
+    return finish_stats(topo, device, stats, time.perf_counter() - t0, generate=cfg.generate, privacy=cfg.privacy,
+                        output_dir=cfg.run.output_dir)

@@ -12,7 +12,7 @@ import time
 import torch
 
 from fedsea_hpc.components.links import client_link
-from fedsea_hpc.config import Config
+from fedsea_hpc.config import CommConfig, PeftConfig, PrivacyConfig, TrainConfig
 from fedsea_hpc.data.dataset import ClientData
 from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.federated.client_sync import ClientSync
@@ -24,30 +24,39 @@ from fedsea_hpc.transport.wire import Expect
 
 
 class ClientWorker:
-    def __init__(self, cfg: Config, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype,
-                 device: torch.device):
-        self.cfg, self.topo, self.device = cfg, topo, device
+    """Parts A and C of one client, its data, optimizer, link and aggregation.
+
+    Takes only the config it uses: ``splits`` (every client's (p, q); the union decides which
+    client-side tensors are averaged together), ``train_files`` and ``seed`` for its data and
+    adapters, ``secure_aggregation`` (resolved), and ``dump_aggregation`` = (output dir, steps)
+    of ``debug.dump_aggregation_steps``.
+    """
+
+    def __init__(self, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype,
+                 device: torch.device, *, splits: list[tuple[int, int]], train: TrainConfig, peft: PeftConfig,
+                 privacy: PrivacyConfig, comm: CommConfig, train_files: list[str], seed: int,
+                 secure_aggregation: bool, dump_aggregation: tuple[str, int] = ("", 0)):
+        self.topo, self.device = topo, device
+        self.dump_aggregation = dump_aggregation
         self.index = topo.client_index
         n_layers = source.config.num_hidden_layers
-        p, q = cfg.split_for(self.index)
+        p, q = splits[self.index]
         self.head_ids = list(range(p))
         self.tail_ids = list(range(n_layers - q, n_layers))
         self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).to(device)
-        self.model = apply_lora(self.part, cfg.peft, cfg.run.seed)
+        self.model = apply_lora(self.part, peft, seed)
         self.model.train()
         self.params = trainable(self.model)
-        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
-                                     weight_decay=cfg.train.weight_decay)
-        self.link = client_link(topo, cfg.comm, cfg.privacy, counter, device)
-        self.data = ClientData(cfg.data.train_files, self.index, cfg.topology.clients, tokenizer,
-                               cfg.train.seq_len, cfg.run.seed)
-        self.batches = self.data.batches(cfg.train.micro_batch_size)
+        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=train.lr, weight_decay=train.weight_decay)
+        self.link = client_link(topo, comm, privacy, counter, device)
+        self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed)
+        self.batches = self.data.batches(train.micro_batch_size)
         self.secure_sum = None
-        if cfg.secure_aggregation():  # a collective over the client group: every client is here now
+        if secure_aggregation:  # a collective over the client group: every client is here now
             keys = agree_keys(self.index, topo.clients, topo.client_group, device)
             self.secure_sum = SecureSum(self.index, topo.clients, topo.client_group, keys,
-                                        record=cfg.debug.dump_aggregation_steps > 0)
-        self.sync = ClientSync(self.params, client_union_layers(n_layers, cfg.splits()), topo.client_group,
+                                        record=dump_aggregation[1] > 0)
+        self.sync = ClientSync(self.params, client_union_layers(n_layers, splits), topo.client_group,
                                secure_sum=self.secure_sum)
         self.samples_since_avg = 0
 
@@ -110,10 +119,10 @@ class ClientWorker:
 
     def _dump_aggregation(self) -> None:
         """debug.dump_aggregation_steps: what this client put into the last secure sum."""
-        ss = self.secure_sum
-        if ss is None or not ss.last or ss.calls > self.cfg.debug.dump_aggregation_steps:
+        ss, (output_dir, steps) = self.secure_sum, self.dump_aggregation
+        if ss is None or not ss.last or ss.calls > steps:
             return
-        out = os.path.join(self.cfg.run.output_dir, "secagg", f"call{ss.calls - 1}")
+        out = os.path.join(output_dir, "secagg", f"call{ss.calls - 1}")
         os.makedirs(out, exist_ok=True)
         torch.save(ss.last, os.path.join(out, f"client{self.index}.pt"))
         ss.last = {}

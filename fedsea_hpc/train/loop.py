@@ -41,12 +41,16 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         say("fedsea: warning: federated.avg_every: with 2 clients each one learns the other's update from the "
             "sum (sum minus its own), with or without federated.secure_aggregation; with peft.lora_r=0 that "
             "includes embedding gradients, whose rows name the other client's tokens. Use LoRA or >= 3 clients.")
+    common = dict(splits=cfg.splits(), train=cfg.train, peft=cfg.peft, comm=cfg.comm, seed=cfg.run.seed)
     if topo.role is Role.CLIENT:
-        worker = ClientWorker(cfg, topo, source, tokenizer, counter, dtype, device)
+        worker = ClientWorker(topo, source, tokenizer, counter, dtype, device, **common, privacy=cfg.privacy,
+                              train_files=cfg.data.train_files, secure_aggregation=cfg.secure_aggregation(),
+                              dump_aggregation=(cfg.run.output_dir, cfg.debug.dump_aggregation_steps))
     else:
         from fedsea_hpc.train.server import ServerWorker  # DeepSpeed is imported on servers only
 
-        worker = ServerWorker(cfg, topo, source, counter, dtype, device)
+        worker = ServerWorker(topo, source, counter, dtype, device, **common, deepspeed=cfg.deepspeed,
+                              dump_wire=(cfg.run.output_dir, cfg.debug.dump_wire_steps))
     log = MetricsLog(cfg.run, cfg.train, enabled=topo.rank == 0)
     parallel = cfg.train.mode == "parallel"
     avg_every = cfg.federated.avg_every

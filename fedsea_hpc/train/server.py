@@ -16,7 +16,7 @@ import torch
 
 from fedsea_hpc.components.engine import server_engine
 from fedsea_hpc.components.links import server_links
-from fedsea_hpc.config import Config
+from fedsea_hpc.config import CommConfig, DeepSpeedConfig, PeftConfig, TrainConfig
 from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import ServerSpans, build_part
@@ -25,22 +25,29 @@ from fedsea_hpc.transport.wire import Expect, check_lengths
 
 
 class ServerWorker:
-    def __init__(self, cfg: Config, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype,
-                 device: torch.device):
-        self.cfg, self.topo, self.dtype, self.device = cfg, topo, dtype, device
+    """Part B on one server rank: the DeepSpeed engine and the links to the clients it serves.
+
+    Takes only the config it uses: ``splits`` (every client's (p, q)), ``seed`` for the adapters,
+    and ``dump_wire`` = (output dir, steps) of ``debug.dump_wire_steps``.
+    """
+
+    def __init__(self, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype, device: torch.device, *,
+                 splits: list[tuple[int, int]], train: TrainConfig, peft: PeftConfig, deepspeed: DeepSpeedConfig,
+                 comm: CommConfig, seed: int, dump_wire: tuple[str, int] = ("", 0)):
+        self.topo, self.dtype, self.device = topo, dtype, device
+        self.dump_dir, self.dump_steps = dump_wire
         # Blocks client c actually uses on the server: [p_c, L - q_c); the group holds the union.
-        self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, cfg.splits())
+        self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, splits)
         part = build_part(source, list(self.spans.layer_ids), embed=False, head=False, dtype=dtype).to(device)
-        self.model = apply_lora(part, cfg.peft, cfg.run.seed)
+        self.model = apply_lora(part, peft, seed)
         self.params = trainable(self.model)
-        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.train.lr,
-                                      weight_decay=cfg.train.weight_decay)
-        self.engine = server_engine(self.model, topo, cfg.deepspeed, dtype, optimizer)
+        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=train.lr, weight_decay=train.weight_decay)
+        self.engine = server_engine(self.model, topo, deepspeed, dtype, optimizer)
         self.hidden = source.config.hidden_size
-        self.links = server_links(topo, cfg.comm, counter, device)
+        self.links = server_links(topo, comm, counter, device)
         # What a client may send: at most a micro-batch of rows of at most seq_len tokens.
-        self.expect_lengths = Expect(torch.int64, ((1, cfg.train.micro_batch_size),))
-        self.max_tokens = cfg.train.seq_len
+        self.expect_lengths = Expect(torch.int64, ((1, train.micro_batch_size),))
+        self.max_tokens = train.seq_len
 
     def _recv_inputs(self, c: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``c``'s lengths [B] and h_A [B, T, H], each checked before it is allocated."""
@@ -54,7 +61,7 @@ class ServerWorker:
         """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
         t0 = time.perf_counter()
         recv = [(c, *self._recv_inputs(c, step)) for c in clients]
-        if step < self.cfg.debug.dump_wire_steps:
+        if step < self.dump_steps:
             self._dump(step, {f"client{c}_lengths": n for c, n, _ in recv} | {f"client{c}_activation": h for c, _, h in recv})
         t1 = time.perf_counter()
         if recv:
@@ -74,7 +81,7 @@ class ServerWorker:
         grads = []
         for c, _, h in recv:
             g = self.links[c].recv_gradient(step, Expect(self.dtype, tuple(h.shape)))
-            if step < self.cfg.debug.dump_wire_steps:
+            if step < self.dump_steps:
                 self._dump(step, {f"client{c}_gradient": g})
             grads.append(_pad_time(g.to(out.dtype), out.shape[1]))
         grad = torch.cat(grads) if grads else torch.zeros_like(out)  # dummy round: zero gradient
@@ -90,7 +97,7 @@ class ServerWorker:
 
     def _dump(self, step: int, tensors: dict) -> None:
         """debug.dump_wire_steps: keep exactly what arrived from the clients, for audits and tests."""
-        out = os.path.join(self.cfg.run.output_dir, "wire", f"step{step}")
+        out = os.path.join(self.dump_dir, "wire", f"step{step}")
         os.makedirs(out, exist_ok=True)
         for name, t in tensors.items():
             torch.save(t.cpu(), os.path.join(out, f"{name}.pt"))
