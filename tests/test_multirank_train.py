@@ -63,7 +63,7 @@ class Runs:
 
     def default(self) -> Path:
         """The README's default job, ``configs/default.yaml`` (3 clients x 1 server, full fine-tuning,
-        ZeRO-2, paper noise, secure aggregation), cut to 40 of its 100 steps."""
+        ZeRO-2, the default relative noise, secure aggregation), cut to 40 of its 100 steps."""
         return self.get("default", [f"train.steps={DEFAULT_STEPS}"], 4, config=DEFAULT_CONFIG)
 
 

@@ -35,7 +35,7 @@ def _run(root: Path, name: str, args: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
-    return {"absolute": _run(root, "absolute", [f"privacy.noise_std={SIGMA}"]),
+    return {"absolute": _run(root, "absolute", ["privacy.noise_mode=absolute", f"privacy.noise_std={SIGMA}"]),
             "relative": _run(root, "relative", ["privacy.noise_mode=relative", f"privacy.noise_std={RELATIVE}"])}
 
 
