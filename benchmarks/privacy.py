@@ -30,9 +30,9 @@ beside ``--out``, and prints the table. The JSON also holds, per inverter, its t
 the share of the victim's tokens that occur in the aux text at all, and the accuracy of always
 guessing the aux text's most frequent token.
 
-Cost (SmolLM2-135M, float32, one CPU thread of the 2-core VM): each grid row takes about
-20 s + 3 s x ``--steps`` (both inverters, 16 aux records per step; the V x H head dominates),
-so the default grid (3 p x 9 settings = 27 rows, 50 steps) is about 80 minutes. ``--device cuda``
+Cost (SmolLM2-135M, float32, ``--threads 1`` on the 2-core VM): each grid row takes about
+20 s + 4 s x ``--steps`` (both inverters, 16 aux records per step; the V x H head dominates),
+so the default grid (3 p x 9 settings = 27 rows, 30 steps) took 78 minutes. ``--device cuda``
 (the default when a GPU is visible) runs the same code on a GPU.
 """
 from __future__ import annotations
