@@ -1,0 +1,121 @@
+"""Range and cross-field rules of a :class:`~fedsea_hpc.config.schema.Config`, checked once at start.
+
+Every failure is a :class:`ConfigError` whose one line names the key and what is allowed.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from fedsea_hpc.config.schema import _DEEPSPEED_EXTRA_REFUSED, DEEPSPEED_EXTRA_ALLOWED, Config, ConfigError
+
+
+def _check_deepspeed_extra(extra: dict) -> None:
+    for key, value in extra.items():
+        if key in _DEEPSPEED_EXTRA_REFUSED:
+            raise ConfigError(f"deepspeed.extra: key '{key}' is not allowed ({_DEEPSPEED_EXTRA_REFUSED[key]}); "
+                              f"allowed: {', '.join(DEEPSPEED_EXTRA_ALLOWED)}")
+        if key not in DEEPSPEED_EXTRA_ALLOWED:
+            raise ConfigError(f"deepspeed.extra: unknown key '{key}'; allowed: {', '.join(DEEPSPEED_EXTRA_ALLOWED)}")
+        if key == "zero_optimization":
+            if not isinstance(value, dict):
+                raise ConfigError(f"deepspeed.extra.zero_optimization: expected a mapping, got {value!r}")
+            if "stage" in value:
+                raise ConfigError("deepspeed.extra.zero_optimization.stage: set deepspeed.zero_stage instead")
+
+
+def shipped_data_files() -> list[str]:
+    root = resources.files("fedsea_hpc") / "data" / "tiny"
+    return sorted(str(p) for p in Path(str(root)).glob("client*.jsonl"))
+
+
+def validate(cfg: Config, num_layers: int | None = None) -> None:
+    """Check ranges and cross-field rules; with ``num_layers`` also the split points."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    t, s = cfg.topology, cfg.split
+    need(t.clients >= 1, f"topology.clients: must be >= 1, got {t.clients}")
+    need(t.servers >= 1, f"topology.servers: must be >= 1, got {t.servers}")
+    need(t.servers <= t.clients, f"topology.servers: must be <= topology.clients ({t.clients}), got {t.servers}")
+    need(cfg.train.steps >= 1, f"train.steps: must be >= 1, got {cfg.train.steps}")
+    need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {cfg.train.micro_batch_size}")
+    need(cfg.train.seq_len >= 2, f"train.seq_len: must be >= 2, got {cfg.train.seq_len}")
+    need(cfg.train.lr > 0, f"train.lr: must be > 0, got {cfg.train.lr}")
+    need(cfg.peft.lora_r >= 0, f"peft.lora_r: must be >= 0 (0 = full fine-tuning), got {cfg.peft.lora_r}")
+    need(all(isinstance(m, str) and m for m in cfg.peft.target_modules) and cfg.peft.target_modules != [],
+         "peft.target_modules: must be a non-empty list of module names, e.g. [q_proj, v_proj]")
+    for k in ("noise_std", "grad_clip", "grad_noise_std"):
+        v = getattr(cfg.privacy, k)
+        need(v >= 0, f"privacy.{k}: must be >= 0, got {v}")
+    need(isinstance(cfg.privacy.min_head_layers, int) and cfg.privacy.min_head_layers >= 1,
+         f"privacy.min_head_layers: must be an integer >= 1, got {cfg.privacy.min_head_layers}")
+    need(cfg.privacy.noise_seed >= -1, f"privacy.noise_seed: must be -1 (OS entropy) or >= 0, got {cfg.privacy.noise_seed}")
+    need(cfg.debug.dump_aggregation_steps >= 0,
+         f"debug.dump_aggregation_steps: must be >= 0, got {cfg.debug.dump_aggregation_steps}")
+    need(cfg.debug.dump_wire_steps >= 0, f"debug.dump_wire_steps: must be >= 0, got {cfg.debug.dump_wire_steps}")
+    need(cfg.federated.avg_every >= 0, f"federated.avg_every: must be >= 0, got {cfg.federated.avg_every}")
+    _check_deepspeed_extra(cfg.deepspeed.extra)
+    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
+         f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not one of 0, 1, 2, 3")
+    need(cfg.comm.timeout_s > 0, f"comm.timeout_s: must be > 0, got {cfg.comm.timeout_s}")
+    need(cfg.comm.startup_timeout_s > 0, f"comm.startup_timeout_s: must be > 0, got {cfg.comm.startup_timeout_s}")
+    need(cfg.comm.max_message_mb > 0, f"comm.max_message_mb: must be > 0, got {cfg.comm.max_message_mb}")
+    need(cfg.run.log_every >= 1, f"run.log_every: must be >= 1, got {cfg.run.log_every}")
+    g = cfg.generate
+    need(g.max_new_tokens >= 1, f"generate.max_new_tokens: must be >= 1, got {g.max_new_tokens}")
+    need(g.batch_size >= 1, f"generate.batch_size: must be >= 1, got {g.batch_size}")
+    need(g.temperature >= 0, f"generate.temperature: must be >= 0 (0 = greedy), got {g.temperature}")
+    need(g.top_k >= 0, f"generate.top_k: must be >= 0 (0 = off), got {g.top_k}")
+    need(0 < g.top_p <= 1, f"generate.top_p: must be in (0, 1], got {g.top_p}")
+    need(all(isinstance(x, str) and x for x in g.stop), f"generate.stop: must be a list of non-empty strings, got {g.stop}")
+    for i, fpath in enumerate(g.prompts_files):
+        need(isinstance(fpath, str) and Path(fpath).is_file(), f"generate.prompts_files[{i}]: no such file {fpath!r}")
+    if g.prompts_files:
+        n = len(g.prompts_files)
+        need(n in (1, t.clients), f"generate.prompts_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
+    m = cfg.model
+    for k in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_intermediate_size"):
+        need(getattr(m, k) >= 1, f"model.{k}: must be >= 1, got {getattr(m, k)}")
+    need(m.tiny_hidden_size % m.tiny_heads == 0, "model.tiny_hidden_size: must be divisible by model.tiny_heads")
+    need(m.tiny_heads % m.tiny_kv_heads == 0, "model.tiny_kv_heads: must divide model.tiny_heads")
+    if s.per_client:
+        need(len(s.per_client) == t.clients and all(
+            isinstance(pq, list) and len(pq) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pq)
+            for pq in s.per_client),
+            f"split.per_client: must hold one [p, q] integer pair per client ({t.clients}), got {s.per_client}")
+    for c in range(t.clients):  # per_client is well-formed by now; p < 1 is the layer check's
+        where = f"split.per_client[{c}]" if s.per_client else "split.head_layers"
+        need(cfg.split_for(c)[0] < 1 or cfg.split_for(c)[0] >= cfg.privacy.min_head_layers,
+             f"{where}: p={cfg.split_for(c)[0]} is below privacy.min_head_layers={cfg.privacy.min_head_layers}; "
+             "use p >= privacy.min_head_layers or lower it")
+    if num_layers is not None:
+        for c in range(t.clients):
+            p, q = cfg.split_for(c)
+            where = f"split.per_client[{c}]" if s.per_client else "split.head_layers/tail_layers"
+            need(p >= 1 and q >= 1 and p + q < num_layers,
+                 f"{where}: need 1 <= p, 1 <= q, p + q < {num_layers} layers; got p={p}, q={q}")
+    if not cfg.data.train_files:
+        cfg.data.train_files = shipped_data_files()[: t.clients] if t.clients <= 3 else shipped_data_files()[:1]
+    for i, fpath in enumerate(cfg.data.train_files):
+        need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.train_files[{i}]: no such file {fpath!r}")
+    n = len(cfg.data.train_files)
+    need(n in (1, t.clients), f"data.train_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
+
+
+def validate_generate(cfg: Config) -> None:
+    """Rules that hold only for `fedsea generate` (a training config need not name prompts)."""
+    if not cfg.generate.prompts_files:
+        raise ConfigError("generate.prompts_files: required for `fedsea generate` (JSONL files with "
+                          "{\"prompt\": ...} or {\"messages\": [...]} records)")
+    if cfg.generate.adapters_dir and not Path(cfg.generate.adapters_dir).is_dir():
+        raise ConfigError(f"generate.adapters_dir: no such directory {cfg.generate.adapters_dir!r}")
+
+
+def check_world_size(clients: int, servers: int, world_size: int) -> None:
+    """The launcher must start exactly one rank per client and per server."""
+    if clients + servers != world_size:
+        raise ConfigError(f"topology.clients ({clients}) + topology.servers ({servers}) = {clients + servers} "
+                          f"ranks, but the launcher started {world_size}; run with -n {clients + servers} "
+                          f"or change topology.*")
