@@ -12,7 +12,8 @@ from fedsea_hpc.model.loading import resolve_model
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.masks import lengths_to_mask
 from fedsea_hpc.model.names import layer_of, name_seed
-from fedsea_hpc.model.partition import PartModel, build_part, client_layers, loss_sum, part_keys, server_layers
+from fedsea_hpc.model.partition import (PartModel, ServerSpans, build_part, client_layers, loss_sum, part_keys,
+                                       server_layers)
 
 L = 6
 PEFT = PeftConfig(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -215,6 +216,90 @@ def test_inactive_rows_get_no_gradient_from_skipped_layers(source):
     grads = {n: p_.grad for n, p_ in trainable(model)}
     assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".layers.2." in n)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".layers.1." in n)
+
+
+def _count_rows(part: PartModel) -> list[tuple[int, int]]:
+    """(block, rows) of every decoder-block call on ``part``, in call order."""
+    calls = []
+    for i in part.layer_ids:
+        part.model.layers[str(i)].register_forward_pre_hook(
+            lambda m, args, kw, i=i: calls.append((i, kw["position_ids"].shape[0])), with_kwargs=True)
+    return calls
+
+
+def test_server_computes_each_block_only_for_its_rows(source):
+    """A mixed client-batch costs Σ_c rows_c × blocks_c on the server, not rows × union."""
+    # Arrange: 3 clients with 2, 3 and 1 rows; union on the server is blocks 1..4.
+    splits = [(1, 1), (2, 2), (3, 1)]  # server spans [1, 5), [2, 4), [3, 5)
+    spans = ServerSpans.from_splits(L, splits)
+    rows = [2, 3, 1]
+    owners = [c for c, n in enumerate(rows) for _ in range(n)]
+    server = build_part(source, list(spans.layer_ids), embed=False, head=False, dtype=torch.float32)
+    model = apply_lora(server, PEFT, 0)
+    _randomize_lora_b(model)
+    calls = _count_rows(server)
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([7, 5, 6, 7, 3, 4])
+    x = torch.randn(6, 7, source.config.hidden_size, generator=g, requires_grad=True)
+    # Act
+    out = server(x, lengths, spans.active_rows(owners, x.device))
+    out[:, :3].sum().backward()
+    # Assert: block calls x rows is exactly each client's rows times its own blocks, in block order.
+    assert [i for i, _ in calls] == [1, 2, 3, 4]
+    expect = sum(n * (L - q - p) for n, (p, q) in zip(rows, splits))
+    assert sum(n for _, n in calls) == expect == 2 * 4 + 3 * 2 + 1 * 2
+    assert expect < len(owners) * len(spans.layer_ids)
+    # ... and every row equals its client's own span run alone, value and input gradient.
+    for r, c in enumerate(owners):
+        lo, hi = spans.spans[c]
+        alone = x[r:r + 1].detach().requires_grad_(True)
+        ref = server.run_layers(alone, range(lo, hi), server.context(alone, lengths[r:r + 1]))
+        n = int(lengths[r])
+        torch.testing.assert_close(out[r, :n], ref[0, :n], atol=1e-5, rtol=1e-5)
+        ref[:, :3].sum().backward()
+        torch.testing.assert_close(x.grad[r], alone.grad[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_block_with_no_rows_runs_one_dummy_row_and_changes_nothing(source):
+    """ZeRO lockstep: a block no local row uses is still called (once, one row) and gets a zero gradient."""
+    spans = ServerSpans.from_splits(L, [(1, 1), (3, 1)])  # blocks 1..4; client 1 uses only [3, 5)
+    server = build_part(source, list(spans.layer_ids), embed=False, head=False, dtype=torch.float32)
+    model = apply_lora(server, PEFT, 0)
+    _randomize_lora_b(model)
+    calls = _count_rows(server)
+    x = torch.randn(2, 5, source.config.hidden_size, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    lengths = torch.tensor([5, 4])
+    out = server(x, lengths, spans.active_rows([1, 1], x.device))  # this rank serves client 1 only
+    out.sum().backward()
+    assert calls == [(1, 1), (2, 1), (3, 2), (4, 2)]  # blocks 1, 2: the dummy row
+    ref = server.run_layers(x, [3, 4], server.context(x, lengths))
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    grads = {n: p_.grad for n, p_ in trainable(model)}
+    for n, g in grads.items():
+        if ".layers.1." in n or ".layers.2." in n:
+            assert g is not None and torch.count_nonzero(g) == 0, n  # present (buckets line up) and zero
+        else:
+            assert g is not None and g.abs().sum() > 0, n
+
+
+def test_every_row_mix_calls_the_same_modules_in_the_same_order(source):
+    """ZeRO-3 traces module calls and asserts every rank made the same ones: two server ranks
+    with different client mixes (one full span, one partial with dummy rows) must agree."""
+    spans = ServerSpans.from_splits(L, [(1, 1), (2, 1), (1, 2)])
+    server = build_part(source, list(spans.layer_ids), embed=False, head=False, dtype=torch.float32)
+    order: list[str] = []
+    for name, m in server.named_modules():
+        if name:
+            m.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+    x = torch.randn(3, 5, source.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    lengths = torch.tensor([5, 4, 5])
+    seen = []
+    for owners in ([0, 2, 0], [1, 1, 1], [2, 1, 0]):
+        order.clear()
+        server(x, lengths, spans.active_rows(owners, x.device))
+        seen.append(list(order))
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0].count("model.rotary_emb") == 1
 
 
 # ------------------------------------------------------------------ split-point validation

@@ -55,13 +55,15 @@ def position_ids(lengths: torch.Tensor, seq_len: int, padding_side: str) -> torc
 
 
 def attention_context(config, rotary_emb, hidden: torch.Tensor, lengths: torch.Tensor, padding_side: str, *,
-                      past: int = 0, cache=None, layer_idx: int = 0):
+                      past: int = 0, cache=None, layer_idx: int = 0, position_embeddings=None):
     """``(mask, position_ids, position_embeddings)`` for ``hidden`` [B, q, H].
 
     ``hidden`` holds the last q positions of sequences of ``past + q`` (``past`` > 0 only when
     decoding against ``cache``); ``lengths`` [B] counts each row's real tokens among all
     ``past + q``. ``mask`` is whatever transformers' ``create_causal_mask`` builds for the
     configured attention kernel; ``layer_idx`` is a block whose cache holds ``past`` entries.
+    ``position_embeddings`` (cos, sin), when given, are used instead of calling ``rotary_emb``
+    (rows sliced from a larger batch's: a ZeRO-3 rank must call its modules in a fixed order).
     """
     q = hidden.shape[1]
     lengths = lengths.to(hidden.device)
@@ -69,4 +71,6 @@ def attention_context(config, rotary_emb, hidden: torch.Tensor, lengths: torch.T
     pos = position_ids(lengths, past + q, padding_side)[:, past:]
     mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache,
                               position_ids=pos, layer_idx=layer_idx)
-    return mask, pos, rotary_emb(hidden, position_ids=pos)
+    if position_embeddings is None:
+        position_embeddings = rotary_emb(hidden, position_ids=pos)
+    return mask, pos, position_embeddings

@@ -148,13 +148,13 @@ class PartModel(nn.Module):
 
     def run_layers(self, hidden: torch.Tensor, layer_ids: Iterable[int], ctx,
                    active: dict[int, torch.Tensor] | None = None, cache=None) -> torch.Tensor:
-        """Run blocks ``layer_ids`` in order on [B, T, H] hidden states.
+        """Run blocks ``layer_ids`` in order on every row of [B, T, H] hidden states.
 
         ``active`` optionally maps a layer to a bool [B] row mask: rows outside it pass through
-        unchanged (clients with other partition points share one server batch). The layer still
-        runs on every row, so every server rank touches every layer in lockstep (ZeRO-3).
-        ``cache`` (a ``DynamicCache``, generation only) gets these blocks' keys and values
-        appended; a row outside a block never reads that block's entries.
+        unchanged, though the layer still computes them. Generation uses this (its ``cache``, a
+        ``DynamicCache``, holds one tensor per block over all rows; a row outside a block never
+        reads that block's entries); training uses :meth:`run_rows`, which computes only the
+        rows a block serves.
         """
         mask, position_ids, pos_emb = ctx
         for i in layer_ids:
@@ -162,6 +162,44 @@ class PartModel(nn.Module):
                                             use_cache=cache is not None, position_embeddings=pos_emb)
             rows = None if active is None else active.get(i)
             hidden = out if rows is None else torch.where(rows[:, None, None], out, hidden)
+        return hidden
+
+    def run_rows(self, hidden: torch.Tensor, lengths: torch.Tensor, active: dict[int, torch.Tensor],
+                 padding_side: str = "right") -> torch.Tensor:
+        """Run each owned block only on the rows it serves: block ``i`` on ``hidden[active[i]]``.
+
+        ``hidden`` [B, T, H], ``lengths`` [B], ``active[i]`` a bool [B] mask (every owned block
+        has one). Compute is Σ over blocks of its rows, not B × blocks. A block that serves no
+        row here still runs once, on row 0, and adds ``0 × its output`` to the
+        result: every server rank then calls every block in the same order and every block's
+        parameters get a (zero) gradient, as ZeRO's lockstep and gradient buckets need, without
+        changing a single value. Rotary embeddings are computed once for all rows and sliced (every
+        rank then calls the same modules in the same order, as ZeRO-3's prefetch trace requires);
+        masks are rebuilt for each distinct row set.
+        """
+        everyone = tuple(range(hidden.shape[0]))
+        contexts = {everyone: self.context(hidden, lengths, padding_side)}  # one rotary call per step
+        cos, sin = contexts[everyone][2]
+        for i in self.layer_ids:
+            idx = active[i].nonzero().squeeze(1)
+            dummy = idx.numel() == 0
+            if dummy:
+                idx = idx.new_zeros(1)
+            key = tuple(idx.tolist())
+            if key not in contexts:
+                contexts[key] = attention_context(self.config, None, hidden[idx], lengths[idx], padding_side,
+                                                  layer_idx=self.layer_ids[0],
+                                                  position_embeddings=(cos[idx], sin[idx]))
+            mask, position_ids, pos_emb = contexts[key]
+            x = hidden if len(key) == hidden.shape[0] else hidden[idx]
+            out = self.model.layers[str(i)](x, attention_mask=mask, position_ids=position_ids,
+                                            position_embeddings=pos_emb)
+            if dummy:
+                hidden = hidden + 0 * out.sum()
+            elif len(key) == hidden.shape[0]:
+                hidden = out
+            else:
+                hidden = hidden.index_copy(0, idx, out)
         return hidden
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -172,9 +210,13 @@ class PartModel(nn.Module):
                 padding_side: str = "right", past: int = 0, cache=None) -> torch.Tensor:
         """Server entry point (what DeepSpeed's engine calls): all owned blocks on [B, q, H].
 
-        Training: right-padded whole sequences. Generation: left-padded, the last q positions of
-        ``past + q`` against ``cache``. One module call, so ZeRO-3 gathers the parameters.
+        Training: right-padded whole sequences; with ``active`` (clients with different spans in
+        one client-batch) each block runs only on its rows (:meth:`run_rows`). Generation:
+        left-padded, the last q positions of ``past + q`` against ``cache``, every row through
+        every block. One module call, so ZeRO-3 gathers the parameters.
         """
+        if active is not None and cache is None:
+            return self.run_rows(hidden, lengths, active, padding_side)
         ctx = self.context(hidden, lengths, padding_side, past=past, cache=cache)
         return self.run_layers(hidden, self.layer_ids, ctx, active, cache)
 
