@@ -1,0 +1,1 @@
+"""The adaptive part: cost model, partition planner and live migration, each its own module."""
