@@ -214,9 +214,15 @@ def test_per_client_split_points(runs):
     # a dummy row for block 1), yet must call their modules in the same order or DeepSpeed's
     # parameter trace disagrees.
     out = runs.get("hetero", ["topology.clients=3", "topology.servers=2", "split.per_client=[[1,1],[2,1],[1,2]]",
-                              "federated.avg_every=2", "train.steps=10", "deepspeed.zero_stage=3"], 5)
+                              "federated.avg_every=2", "train.steps=10", "deepspeed.zero_stage=3",
+                              # EMULATION rides along: client 1 2x slower, client 2 on a 2 ms link
+                              "emulate.client_slowdown=[1, 2, 1]", "emulate.link_latency_ms=[0, 0, 2]"], 5)
     s = load_summary(out)
     assert s["steps"] == 10 and all(l == l for l in s["losses"])
+    assert s["emulated"] == {"client_slowdown": [1, 2, 1], "link_latency_ms": [0, 0, 2]}
+    for row in load_metrics(out):  # 5 messages a step cross client 2's link; client 1 sleeps
+        assert row["phase_s"]["emulated_link_s"] == pytest.approx(5 * 0.002)
+        assert row["phase_s"]["emulated_compute_s"] > 0
     own = {0: {0, 5}, 1: {0, 1, 5}, 2: {0, 4, 5}}
     tensors = {}
     for c, layers in own.items():

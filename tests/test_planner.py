@@ -10,7 +10,6 @@ from fedsea_hpc.adapt.planner import (Costs, Limits, PlanError, assign_balanced,
                                       round_robin, worth_moving)
 
 
-
 def random_costs(rng: np.random.Generator, clients: int, memory: bool = False) -> Costs:
     extra = {}
     if memory:

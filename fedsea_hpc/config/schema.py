@@ -169,6 +169,16 @@ class DebugConfig:
 
 
 @dataclass(kw_only=True)
+class EmulateConfig:
+    client_slowdown: list = _f([], "EMULATION, not measurement: one factor >= 1 per client; each compute phase of that "
+                                   "client is stretched by sleeping (factor - 1) x its measured time. [] = off.")
+    link_mbps: list = _f([], "EMULATION: one link rate per client in Mbit/s (> 0, or 0 = no limit); every message to or "
+                             "from that client is delayed by bytes x 8 / rate. [] = off.")
+    link_latency_ms: list = _f([], "EMULATION: one one-way latency per client in ms (>= 0), added to every message "
+                                   "to or from that client. [] = off.")
+
+
+@dataclass(kw_only=True)
 class GenerateConfig:
     prompts_files: list = _f([], "`fedsea generate`: JSONL prompt files, one per client or one sharded round-robin over "
                                  "clients; records {\"prompt\": str} or {\"messages\": [...]}.")
@@ -201,6 +211,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    emulate: EmulateConfig = field(default_factory=EmulateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict:

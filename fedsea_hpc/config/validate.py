@@ -4,6 +4,7 @@ Every failure is a :class:`ConfigError` whose one line names the key and what is
 """
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +28,20 @@ def _check_deepspeed_extra(extra: dict) -> None:
 def shipped_data_files() -> list[str]:
     root = resources.files("fedsea_hpc") / "data" / "tiny"
     return sorted(str(p) for p in Path(str(root)).glob("client*.jsonl"))
+
+
+def _check_emulate(cfg, need) -> None:
+    """emulate.*: empty, or one number per client within each key's range."""
+    rules = {"client_slowdown": (lambda v: v >= 1, ">= 1"), "link_mbps": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+             "link_latency_ms": (lambda v: v >= 0, ">= 0")}
+    n = cfg.topology.clients
+    for key, (ok, allowed) in rules.items():
+        xs = getattr(cfg.emulate, key)
+        if not xs:
+            continue
+        need(isinstance(xs, list) and len(xs) == n, f"emulate.{key}: must hold one number per client ({n}), got {xs}")
+        need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v) for v in xs),
+             f"emulate.{key}: every value must be a number {allowed}, got {xs}")
 
 
 def validate(cfg: Config, num_layers: int | None = None) -> None:
@@ -75,6 +90,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     if g.prompts_files:
         n = len(g.prompts_files)
         need(n in (1, t.clients), f"generate.prompts_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
+    _check_emulate(cfg, need)
     m = cfg.model
     for k in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_intermediate_size"):
         need(getattr(m, k) >= 1, f"model.{k}: must be >= 1, got {getattr(m, k)}")

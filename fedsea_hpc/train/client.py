@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from fedsea_hpc.adapt.emulate import Emulator
 from fedsea_hpc.components.links import client_link
 from fedsea_hpc.config import CommConfig, PeftConfig, PrivacyConfig, TrainConfig
 from fedsea_hpc.data.dataset import ClientData
@@ -29,15 +30,18 @@ class ClientWorker:
     Takes only the config it uses: ``splits`` (every client's (p, q); the union decides which
     client-side tensors are averaged together), ``train_files`` and ``seed`` for its data and
     adapters, ``secure_aggregation`` (resolved), and ``dump_aggregation`` = (output dir, steps)
-    of ``debug.dump_aggregation_steps``.
+    of ``debug.dump_aggregation_steps``; ``emulator`` this client's EMULATED slowdown and link
+    (:mod:`fedsea_hpc.adapt.emulate`; none by default).
     """
 
     def __init__(self, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype,
                  device: torch.device, *, splits: list[tuple[int, int]], train: TrainConfig, peft: PeftConfig,
                  privacy: PrivacyConfig, comm: CommConfig, train_files: list[str], seed: int,
-                 secure_aggregation: bool, dump_aggregation: tuple[str, int] = ("", 0)):
+                 secure_aggregation: bool, dump_aggregation: tuple[str, int] = ("", 0),
+                 emulator: Emulator = Emulator()):
         self.topo, self.device = topo, device
         self.dump_aggregation = dump_aggregation
+        self.emu = emulator
         self.index = topo.client_index
         n_layers = source.config.num_hidden_layers
         p, q = splits[self.index]
@@ -70,26 +74,34 @@ class ClientWorker:
 
         The loss is ``sum of token losses / loss_norm``; returns the (unnormalised) loss sum.
         """
+        emu = self.emu
         t0 = time.perf_counter()
         h0 = self.part.embed(batch.input_ids)
         ctx = self.part.context(h0, batch.lengths)  # right-padded, from lengths alone
         h_a = self.part.run_layers(h0, self.head_ids, ctx)
+        emu.stretch(time.perf_counter() - t0, times)
         self.link.send_lengths(batch.lengths, step)
         self.link.send_activation(h_a, step)  # noised copy; h_a keeps its clean graph
+        emu.message(batch.lengths, h_a, times=times)
         t1 = time.perf_counter()
         mine = Expect(h_a.dtype, tuple(h_a.shape))  # h_B and dL/dh_A have exactly h_A's shape
         h_b = self.link.recv_activation(step, mine).requires_grad_(True)
+        emu.message(h_b, times=times)
         t2 = time.perf_counter()
         out = self.part.run_layers(h_b, self.tail_ids, ctx)
         total = loss_sum(self.part.head_logits(out), batch.labels)
         (total / loss_norm).backward()
+        emu.stretch(time.perf_counter() - t2, times)
         self.link.send_gradient(h_b.grad, step)
+        emu.message(h_b.grad, times=times)
         t3 = time.perf_counter()
         g_a = self.link.recv_gradient(step, mine)
+        emu.message(g_a, times=times)
         t4 = time.perf_counter()
         h_a.backward(g_a.to(h_a.dtype))
+        emu.stretch(time.perf_counter() - t4, times)
         t5 = time.perf_counter()
-        times["client_compute_s"] += (t1 - t0) + (t3 - t2) + (t5 - t4)
+        times["client_compute_s"] += (t1 - t0) + (t3 - t2) + (t5 - t4)  # emulated stretch and link included
         times["wait_server_s"] += (t2 - t1) + (t4 - t3)
         return float(total.detach())
 
@@ -106,6 +118,7 @@ class ClientWorker:
         t1 = time.perf_counter()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.emu.stretch(time.perf_counter() - t1, times)
         times["sync_s"] += t1 - t0
         times["optim_s"] += time.perf_counter() - t1
 

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.adapt.emulate import Emulator, emulation_report
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically
@@ -45,7 +46,8 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     if topo.role is Role.CLIENT:
         worker = ClientWorker(topo, source, tokenizer, counter, dtype, device, **common, privacy=cfg.privacy,
                               train_files=cfg.data.train_files, secure_aggregation=cfg.secure_aggregation(),
-                              dump_aggregation=(cfg.run.output_dir, cfg.debug.dump_aggregation_steps))
+                              dump_aggregation=(cfg.run.output_dir, cfg.debug.dump_aggregation_steps),
+                              emulator=Emulator.for_client(cfg.emulate, topo.client_index))
     else:
         from fedsea_hpc.train.server import ServerWorker  # DeepSpeed is imported on servers only
 
@@ -102,7 +104,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     _save_outputs(cfg, topo, worker)
     dist.barrier()
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
-                      | {"secure_aggregation": cfg.secure_aggregation()})
+                      | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate))
 
 
 def _data_stats(topo: Topology, worker, device: torch.device) -> dict:
