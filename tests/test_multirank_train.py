@@ -223,6 +223,9 @@ def test_per_client_split_points(runs):
     for row in load_metrics(out):  # 5 messages a step cross client 2's link; client 1 sleeps
         assert row["phase_s"]["emulated_link_s"] == pytest.approx(5 * 0.002)
         assert row["phase_s"]["emulated_compute_s"] > 0
+        if row["step"] >= 2:  # the cost model: every client measured from step 2 (step 1 is warm-up)
+            costs = row["costs"]
+            assert all(len(costs[k]) == 3 and min(costs[k]) > 0 for k in ("client_block_s", "server_block_s"))
     own = {0: {0, 5}, 1: {0, 1, 5}, 2: {0, 4, 5}}
     tensors = {}
     for c, layers in own.items():

@@ -30,8 +30,9 @@ class MetricsLog:
         self.bar = tqdm(total=train.steps, desc=f"train[{train.mode}]", unit="step",
                         disable=not run.progress, file=sys.stderr, dynamic_ncols=True)
 
-    def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor) -> None:
-        """Record one step from the world-reduced vectors (sums: loss, tokens, samples, bytes…)."""
+    def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor, costs: dict | None = None) -> None:
+        """Record one step from the world-reduced vectors (sums: loss, tokens, samples, bytes…);
+        ``costs``: the cost model's smoothed per-client costs (:mod:`fedsea_hpc.adapt.costs`)."""
         if not self.enabled:
             return
         loss_sum, tokens, samples = (float(v) for v in sums[:3])
@@ -46,6 +47,8 @@ class MetricsLog:
             "bytes_sent_by_kind": by_kind,
             "phase_s": {p: round(float(v), 6) for p, v in zip(PHASES, maxima[1:].tolist())},
         }
+        if costs is not None:
+            row["costs"] = {k: [round(float(x), 7) for x in v] for k, v in costs.items()}
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()

@@ -63,6 +63,7 @@ class ClientWorker:
         self.sync = ClientSync(self.params, client_union_layers(n_layers, splits), topo.client_group,
                                secure_sum=self.secure_sum)
         self.samples_since_avg = 0
+        self.a_phase_s, self.row_tokens = 0.0, 0
 
     def next_batch(self):
         batch = next(self.batches).to(self.device)
@@ -80,6 +81,7 @@ class ClientWorker:
         ctx = self.part.context(h0, batch.lengths)  # right-padded, from lengths alone
         h_a = self.part.run_layers(h0, self.head_ids, ctx)
         emu.stretch(time.perf_counter() - t0, times)
+        t_a = time.perf_counter()
         self.link.send_lengths(batch.lengths, step)
         self.link.send_activation(h_a, step)  # noised copy; h_a keeps its clean graph
         emu.message(batch.lengths, h_a, times=times)
@@ -103,6 +105,8 @@ class ClientWorker:
         t5 = time.perf_counter()
         times["client_compute_s"] += (t1 - t0) + (t3 - t2) + (t5 - t4)  # emulated stretch and link included
         times["wait_server_s"] += (t2 - t1) + (t4 - t3)
+        self.a_phase_s = (t_a - t0) + (t5 - t4)  # for the cost model: p blocks, both passes
+        self.row_tokens = int(h_a.shape[0] * h_a.shape[1])
         return float(total.detach())
 
     def optimizer_step(self, *, fedsgd: bool, grad_scale: float, times: dict) -> None:

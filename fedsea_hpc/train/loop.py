@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.adapt.costs import CostMeter, job_costs
 from fedsea_hpc.adapt.emulate import Emulator, emulation_report
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
@@ -57,6 +58,8 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     parallel = cfg.train.mode == "parallel"
     avg_every = cfg.federated.avg_every
     fedsgd = parallel and avg_every == 1
+    meter = CostMeter(topo.rank, topo.world_size)
+    server_rank_of = [topo.server_of(c) for c in range(topo.clients)]
     store_barrier("fedsea/parts-ready", topo.world_size, cfg.comm.startup_timeout_s)  # start the clock together
     t_start = time.perf_counter()
     for step in range(cfg.train.steps):
@@ -92,14 +95,23 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                     worker.links[c].send_control(torch.ones(1, dtype=torch.long, device=device), step)
                 worker.serve([c] if mine else [], step, times)
                 worker.optimizer_step(times)
+        if topo.role is Role.CLIENT:
+            p, q = cfg.split_for(topo.client_index)
+            meter.observe_client(step, a_phase_s=worker.a_phase_s, p=p, q=q, row_tokens=worker.row_tokens,
+                                 compute_s=times["client_compute_s"] + times["optim_s"])  # sync_s waits on peers
+        else:
+            meter.observe_server(step, compute_s=worker.measured_s, row_token_blocks=worker.row_token_blocks)
+            worker.measured_s, worker.row_token_blocks = 0.0, 0
         sent_after = counter.totals()["sent"]
         sums = torch.tensor([loss_sum, n_tok, samples] + [sent_after[k] - sent_before[k] for k in BYTE_KEYS],
                             dtype=torch.float64, device=device)
+        sums = torch.cat([sums, meter.slot_vector(device=device)])  # the cost model rides on this reduce
         dist.all_reduce(sums)
+        costs = job_costs(sums[3 + len(BYTE_KEYS):].cpu(), topo.clients, server_rank_of)
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
         maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64, device=device)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        log.step(step, sums.cpu(), maxima.cpu())
+        log.step(step, sums[:3 + len(BYTE_KEYS)].cpu(), maxima.cpu(), costs=costs)
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
     dist.barrier()

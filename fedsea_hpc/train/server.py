@@ -38,6 +38,7 @@ class ServerWorker:
         self.dump_dir, self.dump_steps = dump_wire
         # Blocks client c actually uses on the server: [p_c, L - q_c); the group holds the union.
         self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, splits)
+        self.measured_s, self.row_token_blocks = 0.0, 0  # real (non-dummy) work this step, for the cost model
         part = build_part(source, list(self.spans.layer_ids), embed=False, head=False, dtype=dtype).to(device)
         self.model = apply_lora(part, peft, seed)
         self.params = trainable(self.model)
@@ -94,6 +95,11 @@ class ServerWorker:
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
+        if recv:  # for the cost model: real work only (a dummy round is lockstep, not load)
+            t_max = x.shape[1]
+            self.measured_s += (t2 - t1) + (t4 - t3)
+            self.row_token_blocks += sum(len(n) * t_max * (self.spans.spans[c][1] - self.spans.spans[c][0])
+                                         for c, n, _ in recv)
 
     def _dump(self, step: int, tensors: dict) -> None:
         """debug.dump_wire_steps: keep exactly what arrived from the clients, for audits and tests."""
