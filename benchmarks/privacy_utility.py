@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 odir = Path(tmp) / f"p{p}-{mode}-{sigma:g}"
                 odir.mkdir(parents=True)
                 # min_head_layers=1: p = 1 is on the grid, below the config's own bound (set from these results).
-                overrides = [f"split.head_layers={p}", "privacy.min_head_layers=1", f"train.steps={args.steps}",
+                overrides = [f"split.head_layers={p}", "split.min_head_layers=1", f"train.steps={args.steps}",
                              f"privacy.noise_mode={mode}", f"privacy.noise_std={sigma}",
                              f"model.name_or_path={SMOLLM2_DIR}", "run.progress=false", "run.log_every=10"]
                 cmd = [_mpiexec(), "-n", "3", sys.executable, "-m", "fedsea_hpc", "train", "--config", CONFIG,

@@ -194,8 +194,8 @@ def test_noise_generator_is_private_unless_a_test_seed_is_given():
                                            ("debug.dump_wire_steps=-1", "debug.dump_wire_steps"),
                                            ("federated.secure_aggregation=sometimes", "federated.secure_aggregation"),
                                            ("debug.dump_aggregation_steps=-3", "debug.dump_aggregation_steps"),
-                                           ("privacy.min_head_layers=0", "privacy.min_head_layers"),
-                                           ("privacy.min_head_layers=true", "privacy.min_head_layers")])
+                                           ("split.min_head_layers=0", "split.min_head_layers"),
+                                           ("split.min_head_layers=true", "split.min_head_layers")])
 def test_bad_privacy_settings_name_their_key(override, key):
     from fedsea_hpc.config import ConfigError, load_config
 
@@ -206,10 +206,29 @@ def test_bad_privacy_settings_name_their_key(override, key):
 def test_min_head_layers_bounds_every_clients_split_point():
     from fedsea_hpc.config import ConfigError, load_config
 
-    ok = load_config(None, ["privacy.min_head_layers=2", "split.head_layers=2"])
-    assert ok.privacy.min_head_layers == 2
-    with pytest.raises(ConfigError, match=r"split\.head_layers: p=1 is below privacy\.min_head_layers=2"):
-        load_config(None, ["privacy.min_head_layers=2", "split.head_layers=1"])
+    ok = load_config(None, ["split.min_head_layers=2", "split.head_layers=2"])
+    assert ok.split.min_head_layers == 2
+    with pytest.raises(ConfigError, match=r"split\.head_layers: p=1 is below split\.min_head_layers=2"):
+        load_config(None, ["split.min_head_layers=2", "split.head_layers=1"])
     # Per-client split points: the one client below the bound is named.
     with pytest.raises(ConfigError, match=r"split\.per_client\[1\]: p=1 is below"):
-        load_config(None, ["privacy.min_head_layers=2", "topology.clients=2", "split.per_client=[[2, 1], [1, 1]]"])
+        load_config(None, ["split.min_head_layers=2", "topology.clients=2", "split.per_client=[[2, 1], [1, 1]]"])
+
+
+def test_min_tail_layers_floors_and_the_moved_key():
+    from fedsea_hpc.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match=r"split\.tail_layers: q=1 is below split\.min_tail_layers=2"):
+        load_config(None, ["split.min_tail_layers=2"])
+    with pytest.raises(ConfigError, match=r"split\.per_client\[0\]: q=2 is below split\.min_tail_layers=3"):
+        load_config(None, ["split.min_tail_layers=3", "topology.clients=2", "split.per_client=[[1, 2], [1, 3]]"])
+    with pytest.raises(ConfigError, match=r"split\.min_tail_layers: must be an integer >= 1, got 0"):
+        load_config(None, ["split.min_tail_layers=0"])
+    # Floors that leave the server nothing, once the model's depth is known.
+    cfg = load_config(None, ["split.min_head_layers=3", "split.min_tail_layers=3", "split.head_layers=3",
+                             "split.tail_layers=3"])
+    with pytest.raises(ConfigError, match=r"split\.min_head_layers \+ split\.min_tail_layers: 6 leaves no block "
+                                          r"for the server; must be < 6"):
+        validate(cfg, num_layers=6)
+    with pytest.raises(ConfigError, match=r"privacy\.min_head_layers: moved to split\.min_head_layers"):
+        load_config(None, ["privacy.min_head_layers=2"])

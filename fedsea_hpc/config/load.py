@@ -61,6 +61,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
+MOVED = {"privacy.min_head_layers": "split.min_head_layers"}  # old key -> new key
+
+
 def _apply(cfg: Config, tree: dict, source: str) -> None:
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
@@ -72,6 +75,8 @@ def _apply(cfg: Config, tree: dict, source: str) -> None:
             raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
         hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
+            if f"{section}.{key}" in MOVED:
+                raise ConfigError(f"{section}.{key}: moved to {MOVED[f'{section}.{key}']}; rename it in {source}")
             if key not in hints:
                 raise ConfigError(f"unknown config key '{section}.{key}' "
                                   f"(allowed in {section}: {', '.join(hints)})")

@@ -63,6 +63,11 @@ class SplitConfig:
     head_layers: int = _f(1, "p: blocks [0, p) run on the client before the server (Part A).")
     tail_layers: int = _f(1, "q: blocks [L-q, L) plus norm and head run on the client after the server (Part C).")
     per_client: list = _f([], "Optional per-client overrides, one [p, q] pair per client rank, e.g. [[1, 1], [2, 1]].")
+    min_head_layers: int = _f(1, "Privacy floor: smallest p (blocks in Part A) any client may use, checked at start and "
+                                 "kept by the planner: the fewer blocks before the cut, the closer h_A is to the token "
+                                 "embeddings (see the README's measured attack).")
+    min_tail_layers: int = _f(1, "Floor on q (blocks in Part C, before the head that sees the labels), checked at start "
+                                 "and kept by the planner.")
 
 
 @dataclass(kw_only=True)
@@ -87,9 +92,6 @@ class PrivacyConfig:
     noise_seed: int = _f(-1, "TEST ONLY. -1 (default): each client seeds its noise from OS entropy on its own rank, "
                              "so no other rank can regenerate it. >= 0: a reproducible seed every rank can compute "
                              "(summary.json then marks the run noise_seed_test_only).")
-    min_head_layers: int = _f(1, "Smallest p (blocks in Part A) any client may use, checked at start: the fewer blocks "
-                                 "before the cut, the closer h_A is to the token embeddings (see the README's measured "
-                                 "attack). Any split the rebalancing work picks must respect it.")
     grad_clip: float = _f(0.0, "Per-sample L2 clip of the gradient a client returns to the server; 0 = off.")
     grad_noise_std: float = _f(0.0, "σ of Gaussian noise added to that returned gradient; 0 = off.")
 

@@ -64,8 +64,9 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     for k in ("noise_std", "grad_clip", "grad_noise_std"):
         v = getattr(cfg.privacy, k)
         need(v >= 0, f"privacy.{k}: must be >= 0, got {v}")
-    need(isinstance(cfg.privacy.min_head_layers, int) and cfg.privacy.min_head_layers >= 1,
-         f"privacy.min_head_layers: must be an integer >= 1, got {cfg.privacy.min_head_layers}")
+    for key in ("min_head_layers", "min_tail_layers"):
+        v = getattr(cfg.split, key)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"split.{key}: must be an integer >= 1, got {v}")
     need(cfg.privacy.noise_seed >= -1, f"privacy.noise_seed: must be -1 (OS entropy) or >= 0, got {cfg.privacy.noise_seed}")
     need(cfg.debug.dump_aggregation_steps >= 0,
          f"debug.dump_aggregation_steps: must be >= 0, got {cfg.debug.dump_aggregation_steps}")
@@ -103,10 +104,16 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
             f"split.per_client: must hold one [p, q] integer pair per client ({t.clients}), got {s.per_client}")
     for c in range(t.clients):  # per_client is well-formed by now; p < 1 is the layer check's
         where = f"split.per_client[{c}]" if s.per_client else "split.head_layers"
-        need(cfg.split_for(c)[0] < 1 or cfg.split_for(c)[0] >= cfg.privacy.min_head_layers,
-             f"{where}: p={cfg.split_for(c)[0]} is below privacy.min_head_layers={cfg.privacy.min_head_layers}; "
-             "use p >= privacy.min_head_layers or lower it")
+        p, q = cfg.split_for(c)
+        need(p < 1 or p >= s.min_head_layers,
+             f"{where}: p={p} is below split.min_head_layers={s.min_head_layers}; use p >= split.min_head_layers or lower it")
+        where_q = f"split.per_client[{c}]" if s.per_client else "split.tail_layers"
+        need(q < 1 or q >= s.min_tail_layers,
+             f"{where_q}: q={q} is below split.min_tail_layers={s.min_tail_layers}; use q >= split.min_tail_layers or lower it")
     if num_layers is not None:
+        floors = s.min_head_layers + s.min_tail_layers
+        need(floors < num_layers, f"split.min_head_layers + split.min_tail_layers: {floors} leaves no block for the "
+                                  f"server; must be < {num_layers} (the model's layers)")
         for c in range(t.clients):
             p, q = cfg.split_for(c)
             where = f"split.per_client[{c}]" if s.per_client else "split.head_layers/tail_layers"
