@@ -30,10 +30,12 @@ def test_the_slot_vector_sums_into_per_client_planner_costs():
     c0.observe_client(1, a_phase_s=0.01, compute_s=0.05, p=1, q=1, row_tokens=100)
     c1.observe_client(1, a_phase_s=0.04, compute_s=0.10, p=1, q=1, row_tokens=200)
     srv.observe_server(1, compute_s=0.6, row_token_blocks=100 * 4 + 200 * 4)
-    assert job_costs(c0.slot_vector() + c1.slot_vector(), 2, [2, 2]) is None  # no server rate yet
-    got = job_costs(c0.slot_vector() + c1.slot_vector() + srv.slot_vector(), 2, [2, 2])
+    c1.set_link(0.002, 8 / 100e6)  # the probe found 2 ms and 100 Mbit/s
+    assert job_costs(c0.slot_vector() + c1.slot_vector(), 2, [2, 2], 256) is None  # no server rate yet
+    got = job_costs(c0.slot_vector() + c1.slot_vector() + srv.slot_vector(), 2, [2, 2], 256)
     assert got["client_block_s"] == pytest.approx([0.01, 0.04])
     assert got["client_fixed_s"] == pytest.approx([0.03, 0.02])
     assert got["server_block_s"] == pytest.approx([0.6 / 1200 * 100, 0.6 / 1200 * 200])
+    assert got["wire_s"] == pytest.approx([0.0, 5 * 0.002 + 4 * 200 * 256 * 8 / 100e6])  # 5 crossings
     assert c0.slot_vector().shape == (3 * SLOT,) and torch.count_nonzero(c0.slot_vector()[SLOT:]) == 0
-    Costs(got["client_block_s"], got["client_fixed_s"], [0.0, 0.0], got["server_block_s"]).arrays()  # accepted
+    Costs(got["client_block_s"], got["client_fixed_s"], got["wire_s"], got["server_block_s"]).arrays()  # accepted

@@ -220,12 +220,15 @@ def test_per_client_split_points(runs):
     s = load_summary(out)
     assert s["steps"] == 10 and all(l == l for l in s["losses"])
     assert s["emulated"] == {"client_slowdown": [1, 2, 1], "link_latency_ms": [0, 0, 2]}
+    # The start-up probe sees the emulated link (a sleep is never shorter than asked).
+    assert s["wire_probe"]["latency_s"][2] >= 0.002
     for row in load_metrics(out):  # 5 messages a step cross client 2's link; client 1 sleeps
         assert row["phase_s"]["emulated_link_s"] == pytest.approx(5 * 0.002)
         assert row["phase_s"]["emulated_compute_s"] > 0
         if row["step"] >= 2:  # the cost model: every client measured from step 2 (step 1 is warm-up)
             costs = row["costs"]
             assert all(len(costs[k]) == 3 and min(costs[k]) > 0 for k in ("client_block_s", "server_block_s"))
+            assert costs["wire_s"][2] >= 5 * 0.002
     own = {0: {0, 5}, 1: {0, 1, 5}, 2: {0, 4, 5}}
     tensors = {}
     for c, layers in own.items():

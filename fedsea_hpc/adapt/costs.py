@@ -10,6 +10,8 @@ tokens, what a block's compute scales with) and smoothed by an EWMA, this gives,
 * ``client_fixed_s``  = client compute − client_block_s · (p + q)         (embedding, head, loss, optimizer;
   not the FedSGD sum, which waits on the slowest peer)
 * ``server_block_s``  = server compute / Σ rows·tokens·blocks × this client's rows·tokens
+* ``wire_s``          = 5 × latency + 4 × row-tokens × H × itemsize × seconds per byte, from the
+  start-up probe (:mod:`fedsea_hpc.adapt.probe`)
 
 each scaled to the client's smoothed row-tokens per step: the planner's
 :class:`~fedsea_hpc.adapt.planner.Costs`. The first step (warm-up: allocator, DeepSpeed's first
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-SLOT = 4  # per rank: client block rate, client fixed rate, row-tokens per step, server block rate
+SLOT = 6  # per rank: client block rate, client fixed rate, row-tokens per step, server block rate,
+#          link latency (s), link seconds per byte (the last two from the start-up wire probe)
 WARMUP_STEPS = 1
 
 
@@ -43,7 +46,12 @@ class CostMeter:
 
     def __init__(self, rank: int, world_size: int, alpha: float = 0.3):
         self.rank, self.world_size = rank, world_size
-        self.block, self.fixed, self.tokens, self.server = (Ewma(alpha) for _ in range(SLOT))
+        self.block, self.fixed, self.tokens, self.server = (Ewma(alpha) for _ in range(4))
+        self.latency_s = self.s_per_byte = 0.0
+
+    def set_link(self, latency_s: float, s_per_byte: float) -> None:
+        """This client's link, from :func:`fedsea_hpc.adapt.probe.probe_client`."""
+        self.latency_s, self.s_per_byte = latency_s, s_per_byte
 
     def observe_client(self, step: int, *, a_phase_s: float, compute_s: float, p: int, q: int, row_tokens: int) -> None:
         """``a_phase_s``: A forward + backward; ``compute_s``: every compute second of the step."""
@@ -63,18 +71,25 @@ class CostMeter:
         """World-sized flat vector, zero except this rank's slot (sum-reduced with the step's sums)."""
         v = torch.zeros(self.world_size * SLOT, dtype=dtype, device=device)
         vals = [e.value or 0.0 for e in (self.block, self.fixed, self.tokens, self.server)]
+        vals += [self.latency_s, self.s_per_byte]
         v[self.rank * SLOT:(self.rank + 1) * SLOT] = torch.tensor(vals, dtype=dtype)
         return v
 
 
-def job_costs(reduced: torch.Tensor, clients: int, server_rank_of: list[int]) -> dict | None:
+def job_costs(reduced: torch.Tensor, clients: int, server_rank_of: list[int], bytes_per_row_token: int) -> dict | None:
     """Per-client per-step costs (seconds) from the reduced slot vector; None before the first
-    measurement. ``server_rank_of[c]``: the world rank of the server serving client c."""
+    measurement. ``server_rank_of[c]``: the world rank of the server serving client c;
+    ``bytes_per_row_token``: hidden size × element size (what one row-token of h costs on the
+    wire). A step crosses the link 5 times (lengths, h_A, h_B, their two gradients): ``wire_s`` =
+    5 × latency + 4 × row-tokens × bytes_per_row_token × seconds per byte."""
     slots = reduced.reshape(-1, SLOT).tolist()
     block = [slots[c][0] * slots[c][2] for c in range(clients)]
     fixed = [slots[c][1] * slots[c][2] for c in range(clients)]
     server = [slots[server_rank_of[c]][3] * slots[c][2] for c in range(clients)]
     if not all(v > 0 for v in block + server):
         return None
-    return {"client_block_s": block, "client_fixed_s": fixed, "server_block_s": server,
-            "row_tokens": [slots[c][2] for c in range(clients)]}
+    wire = [5 * slots[c][4] + 4 * slots[c][2] * bytes_per_row_token * slots[c][5] for c in range(clients)]
+    return {"client_block_s": block, "client_fixed_s": fixed, "server_block_s": server, "wire_s": wire,
+            "row_tokens": [slots[c][2] for c in range(clients)],
+            "link_latency_s": [slots[c][4] for c in range(clients)],
+            "link_s_per_byte": [slots[c][5] for c in range(clients)]}

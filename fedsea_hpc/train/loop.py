@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from fedsea_hpc.adapt.costs import CostMeter, job_costs
 from fedsea_hpc.adapt.emulate import Emulator, emulation_report
+from fedsea_hpc.adapt.probe import probe_bytes, probe_client, probe_server
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically
@@ -61,6 +62,13 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     meter = CostMeter(topo.rank, topo.world_size)
     server_rank_of = [topo.server_of(c) for c in range(topo.clients)]
     store_barrier("fedsea/parts-ready", topo.world_size, cfg.comm.startup_timeout_s)  # start the clock together
+    payload = cfg.train.micro_batch_size * cfg.train.seq_len * source.config.hidden_size
+    if topo.role is Role.CLIENT:  # the wire probe: latency and throughput of each client's link
+        meter.set_link(*probe_client(worker.link, worker.emu, payload, device, dict.fromkeys(PHASES, 0.0)))
+    else:
+        probe_server(worker.links, payload, device)
+    bytes_per_row_token = source.config.hidden_size * torch.empty(0, dtype=dtype).element_size()
+    costs = None
     t_start = time.perf_counter()
     for step in range(cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
@@ -98,7 +106,8 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         if topo.role is Role.CLIENT:
             p, q = cfg.split_for(topo.client_index)
             meter.observe_client(step, a_phase_s=worker.a_phase_s, p=p, q=q, row_tokens=worker.row_tokens,
-                                 compute_s=times["client_compute_s"] + times["optim_s"])  # sync_s waits on peers
+                                 # sync_s waits on peers; the link is wire_s's (from the probe)
+                                 compute_s=times["client_compute_s"] + times["optim_s"] - times["emulated_link_s"])
         else:
             meter.observe_server(step, compute_s=worker.measured_s, row_token_blocks=worker.row_token_blocks)
             worker.measured_s, worker.row_token_blocks = 0.0, 0
@@ -107,7 +116,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                             dtype=torch.float64, device=device)
         sums = torch.cat([sums, meter.slot_vector(device=device)])  # the cost model rides on this reduce
         dist.all_reduce(sums)
-        costs = job_costs(sums[3 + len(BYTE_KEYS):].cpu(), topo.clients, server_rank_of)
+        costs = job_costs(sums[3 + len(BYTE_KEYS):].cpu(), topo.clients, server_rank_of, bytes_per_row_token)
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
         maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64, device=device)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
@@ -116,7 +125,16 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     _save_outputs(cfg, topo, worker)
     dist.barrier()
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
-                      | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate))
+                      | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
+                      | _probe_report(costs, probe_bytes(payload)))
+
+
+def _probe_report(costs: dict | None, nbytes: int) -> dict:
+    """What the start-up wire probe found per client (its bytes are in no step's bytes_sent)."""
+    if costs is None:
+        return {}
+    return {"wire_probe": {"latency_s": costs["link_latency_s"], "s_per_byte": costs["link_s_per_byte"],
+                           "payload_bytes_per_client": nbytes}}
 
 
 def _data_stats(topo: Topology, worker, device: torch.device) -> dict:
