@@ -88,10 +88,11 @@ class ServerWorker:
         grad = torch.cat(grads) if grads else torch.zeros_like(out)  # dummy round: zero gradient
         t3 = time.perf_counter()
         # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
-        # is already a global sum, so scale by the group size to keep the sum.
+        # is already a global sum, so scale by the group size to keep the sum. dL/dh_A is not
+        # averaged by anyone: undo the factor before it goes back (exact for a power of two).
         self.engine.backward((out * grad).sum() * self.topo.servers)
         for (c, _, h), g in zip(recv, x.grad.split(rows) if recv else ()):
-            self.links[c].send_gradient(g[:, :h.shape[1]], step)
+            self.links[c].send_gradient(g[:, :h.shape[1]] / self.topo.servers, step)
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
