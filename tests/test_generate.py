@@ -240,9 +240,12 @@ def test_adapters_from_training(runs, tiny_dir, tiny_ref, tmp_path):
     train_out = tmp_path / "train"
     proc = run_fedsea([f"model.name_or_path={tiny_dir}", "peft.lora_r=4", "train.steps=3", "train.lr=0.05",
                        "train.seq_len=48", "train.micro_batch_size=2", "privacy.noise_std=0",
-                       f"run.output_dir={train_out}"], n=3)
+                       # the partition moves live to q=2 before the last step: generation (run with
+                       # the default split.*) must follow the saved adapters/partition.json
+                       "debug.partition_schedule=[[2,1,2]]", f"run.output_dir={train_out}"], n=3)
     check_ok(proc)
     adapters = train_out / "adapters"
+    assert json.loads((adapters / "partition.json").read_text()) == {"splits": [[1, 2], [1, 2]]}
     out = runs.get("c2s1-adapters", 2, 1, ["generate.batch_size=4", f"generate.adapters_dir={adapters}"])
     _, tok, prompts = tiny_ref
     want = hf_reference(_merged_reference(tiny_dir, adapters), tok, prompts, 2, 4, NEW)

@@ -28,6 +28,8 @@ BAD_INPUTS = {
     "missing_data": (["data.train_files=[missing.jsonl]"], 2, "data.train_files"),
     "deepspeed_extra": (["deepspeed.extra={gradient_clipping: 1.0}"], 2, "deepspeed.extra"),
     "noise_mode": (["privacy.noise_mode=loud"], 2, "privacy.noise_mode"),
+    "rebalance_every": (["split.rebalance=every", "split.rebalance_every=0"], 2, "split.rebalance_every"),
+    "schedule_too_deep": (["debug.partition_schedule=[[1,3,3]]"], 2, "debug.partition_schedule[0]"),
 }
 
 

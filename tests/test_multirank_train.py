@@ -7,6 +7,7 @@ module and shared between assertions. Every launch passes ``run.progress=false``
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def test_sequential_mode_trains_with_the_same_traffic(runs):
             assert ka[k] == kb[k], (a["step"], k)
         # Only the turn-taking signal is extra: tiny next to the hidden states.
         assert a["bytes_sent"] <= b["bytes_sent"] * 1.01
-    assert sorted(os.listdir(seq / "adapters")) == ["client0", "client1", "server"]
+    assert sorted(os.listdir(seq / "adapters")) == ["client0", "client1", "partition.json", "server"]
 
 
 # ------------------------------------------------------------------ heterogeneous split points
@@ -243,6 +244,69 @@ def test_per_client_split_points(runs):
     for k in shared:
         torch.testing.assert_close(tensors[1][k], tensors[0][k], atol=1e-6, rtol=1e-6, msg=k)
         torch.testing.assert_close(tensors[2][k], tensors[0][k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------ live repartitioning
+
+SCHEDULE = "debug.partition_schedule=[[7,2,1],[14,1,1]]"  # every client: p 1 -> 2 before step 7, back before 14
+
+
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_moving_blocks_live_keeps_centralized_losses(runs, zero):
+    """The invariant that proves migration: block 1 goes from the server (ZeRO-sharded) to both
+    clients and back, with its LoRA adapter and AdamW moments; the losses stay the centralized
+    ones. A block left behind, a moment dropped or a shard not gathered breaks it by ~1e-3."""
+    ref = load_summary(runs.centralized(2))["losses"]
+    out = runs.get(f"moved-z{zero}", [*EXACT, "topology.clients=2", "topology.servers=2",
+                                      f"deepspeed.zero_stage={zero}", SCHEDULE], 4)
+    s = load_summary(out)
+    assert len(s["losses"]) == STEPS >= 20
+    diffs = [abs(a - b) for a, b in zip(s["losses"], ref)]
+    assert max(diffs) < 1e-4, f"per-step |moved - centralized| = {diffs}"
+    assert [(r["step"], r["old"], r["new"]) for r in s["rebalances"]] == [
+        (7, [[1, 1], [1, 1]], [[2, 1], [2, 1]]), (14, [[2, 1], [2, 1]], [[1, 1], [1, 1]])]
+    assert all(r["migrate_s"] > 0 and r["reason"] == "debug.partition_schedule" for r in s["rebalances"])
+    assert s["final_partition"] == [[1, 1], [1, 1]]
+    rows = load_metrics(out)
+    assert [i for i, r in enumerate(rows) if "rebalance" in r] == [7, 14]  # logged with the first step moved
+    assert rows[12]["rebalance_measured"]["step"] == 7  # then measured over 5 steps on the new partition
+    assert adapter_layers(out / "adapters" / "server") == {1, 2, 3, 4}
+
+
+def _saved_layers(d: Path) -> set[int]:
+    f = d / "adapter_model.safetensors"
+    f = f if f.is_file() else d / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        return {int(k.split(".")[k.split(".").index("layers") + 1]) for k in h.keys() if ".layers." in k}
+
+
+def test_moves_in_sequential_full_finetuning_save_the_final_partition(runs):
+    """Base weights (peft.lora_r=0) move too, under ZeRO-3, in sequential mode with FedAvg every 2
+    steps and noise on; what is saved at the end is the final partition, each block once per holder."""
+    out = runs.get("moved-seq-full", ["train.mode=sequential", "peft.lora_r=0", "federated.avg_every=2",
+                                      "train.steps=8", "deepspeed.zero_stage=3", "topology.clients=2",
+                                      "topology.servers=1", "debug.partition_schedule=[[3,2,1],[6,1,2]]"], 3)
+    s = load_summary(out)
+    assert s["steps"] == 8 and all(math.isfinite(v) for v in s["losses"])
+    assert s["final_partition"] == [[1, 2], [1, 2]] and len(s["rebalances"]) == 2
+    for c in range(2):
+        assert _saved_layers(out / "adapters" / f"client{c}") == {0, 4, 5}
+    assert _saved_layers(out / "adapters" / "server") == {1, 2, 3}
+
+
+def test_rebalance_once_gives_the_slow_client_fewer_blocks(runs):
+    """split.rebalance=once from measured costs: client 1 is EMULATED 4x slower, so the planner
+    (lockstep: the slowest client bounds the step) takes blocks off it; the move is logged."""
+    out = runs.get("rebalance-once", ["train.steps=10", "topology.clients=2", "topology.servers=1",
+                                      "split.per_client=[[2,2],[2,2]]", "emulate.client_slowdown=[1,4]",
+                                      "split.rebalance=once", "split.rebalance_warmup_steps=4"], 3)
+    s = load_summary(out)
+    (rec,) = s["rebalances"]
+    assert rec["step"] == 4 and rec["reason"] == "planned" and rec["old"] == [[2, 2], [2, 2]]
+    assert sum(s["final_partition"][1]) < 4 and rec["new"] == s["final_partition"]
+    assert rec["predicted_old_s"] / rec["predicted_new_s"] > 1.25  # split.rebalance_min_gain's default
+    assert rec["plan_s"] >= 0 and rec["measured_new_s"] > 0
+    assert "rebalance" in load_metrics(out)[4]
 
 
 # ------------------------------------------------------------------ outputs

@@ -30,9 +30,11 @@ class MetricsLog:
         self.bar = tqdm(total=train.steps, desc=f"train[{train.mode}]", unit="step",
                         disable=not run.progress, file=sys.stderr, dynamic_ncols=True)
 
-    def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor, costs: dict | None = None) -> None:
+    def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor, costs: dict | None = None,
+             extra: dict | None = None) -> None:
         """Record one step from the world-reduced vectors (sums: loss, tokens, samples, bytes…);
-        ``costs``: the cost model's smoothed per-client costs (:mod:`fedsea_hpc.adapt.costs`)."""
+        ``costs``: the cost model's smoothed per-client costs (:mod:`fedsea_hpc.adapt.costs`);
+        ``extra``: events of this step (a repartition and its measurement, :mod:`fedsea_hpc.adapt.rebalance`)."""
         if not self.enabled:
             return
         loss_sum, tokens, samples = (float(v) for v in sums[:3])
@@ -49,6 +51,7 @@ class MetricsLog:
         }
         if costs is not None:
             row["costs"] = {k: [round(float(x), 7) for x in v] for k, v in costs.items()}
+        row.update(extra or {})
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()

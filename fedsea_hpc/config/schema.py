@@ -68,6 +68,14 @@ class SplitConfig:
                                  "embeddings (see the README's measured attack).")
     min_tail_layers: int = _f(1, "Floor on q (blocks in Part C, before the head that sees the labels), checked at start "
                                  "and kept by the planner.")
+    rebalance: Literal["off", "once", "every"] = _f(
+        "off", "Move split points at run time from measured costs (README, Rebalancing): off; once (after "
+               "split.rebalance_warmup_steps); every (re-plan every split.rebalance_every steps). Blocks move with "
+               "their adapters and optimizer state, without a restart.")
+    rebalance_warmup_steps: int = _f(5, "Steps measured before the first plan (split.rebalance once/every); >= 2.")
+    rebalance_every: int = _f(20, "split.rebalance=every: re-plan every this many steps; >= 1.")
+    rebalance_min_gain: float = _f(1.25, "Move only when the plan predicts a step-time speed-up above this factor "
+                                         "(>= 1), so the partition does not flap.")
 
 
 @dataclass(kw_only=True)
@@ -168,6 +176,9 @@ class DebugConfig:
                                         "run.output_dir/secagg/ (audits and tests); 0 = off.")
     dump_wire_steps: int = _f(0, "Server ranks save every tensor received during the first this many steps under "
                                  "run.output_dir/wire/ (to audit what leaves a client); 0 = off.")
+    partition_schedule: list = _f([], "Forced repartitions for tests: [[step, p, q], ...] moves every client to (p, q) "
+                                      "before that step (steps ascending, >= 1), through the same live migration as "
+                                      "split.rebalance (which it overrides). [] = off.")
 
 
 @dataclass(kw_only=True)

@@ -44,6 +44,31 @@ def _check_emulate(cfg, need) -> None:
              f"emulate.{key}: every value must be a number {allowed}, got {xs}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_rebalance(cfg, need) -> None:
+    """split.rebalance_* ranges and debug.partition_schedule's shape (its (p, q) need L: see validate)."""
+    s = cfg.split
+    need(_is_int(s.rebalance_warmup_steps) and s.rebalance_warmup_steps >= 2,
+         f"split.rebalance_warmup_steps: must be an integer >= 2 (costs are measured from step 1), "
+         f"got {s.rebalance_warmup_steps}")
+    need(_is_int(s.rebalance_every) and s.rebalance_every >= 1,
+         f"split.rebalance_every: must be an integer >= 1, got {s.rebalance_every}")
+    need(isinstance(s.rebalance_min_gain, (int, float)) and not isinstance(s.rebalance_min_gain, bool)
+         and math.isfinite(s.rebalance_min_gain) and s.rebalance_min_gain >= 1,
+         f"split.rebalance_min_gain: must be a number >= 1, got {s.rebalance_min_gain}")
+    sched = cfg.debug.partition_schedule
+    need(isinstance(sched, list) and all(isinstance(e, list) and len(e) == 3 and all(_is_int(v) for v in e)
+                                         for e in sched),
+         f"debug.partition_schedule: must be a list of [step, p, q] integer triples, got {sched}")
+    steps = [e[0] for e in sched]
+    need(all(1 <= t < cfg.train.steps for t in steps) and steps == sorted(set(steps)),
+         f"debug.partition_schedule: steps must be strictly ascending, >= 1 and < train.steps "
+         f"({cfg.train.steps}), got {steps}")
+
+
 def validate(cfg: Config, num_layers: int | None = None) -> None:
     """Check ranges and cross-field rules; with ``num_layers`` also the split points."""
     def need(ok: bool, msg: str) -> None:
@@ -67,6 +92,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     for key in ("min_head_layers", "min_tail_layers"):
         v = getattr(cfg.split, key)
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"split.{key}: must be an integer >= 1, got {v}")
+    _check_rebalance(cfg, need)
     need(cfg.privacy.noise_seed >= -1, f"privacy.noise_seed: must be -1 (OS entropy) or >= 0, got {cfg.privacy.noise_seed}")
     need(cfg.debug.dump_aggregation_steps >= 0,
          f"debug.dump_aggregation_steps: must be >= 0, got {cfg.debug.dump_aggregation_steps}")
@@ -111,6 +137,10 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
         need(q < 1 or q >= s.min_tail_layers,
              f"{where_q}: q={q} is below split.min_tail_layers={s.min_tail_layers}; use q >= split.min_tail_layers or lower it")
     if num_layers is not None:
+        for i, (_, p, q) in enumerate(cfg.debug.partition_schedule):
+            need(p >= s.min_head_layers and q >= s.min_tail_layers and p + q < num_layers,
+                 f"debug.partition_schedule[{i}]: need p >= split.min_head_layers ({s.min_head_layers}), "
+                 f"q >= split.min_tail_layers ({s.min_tail_layers}), p + q < {num_layers} layers; got p={p}, q={q}")
         floors = s.min_head_layers + s.min_tail_layers
         need(floors < num_layers, f"split.min_head_layers + split.min_tail_layers: {floors} leaves no block for the "
                                   f"server; must be < {num_layers} (the model's layers)")

@@ -17,6 +17,7 @@ import functools
 import inspect
 
 import deepspeed.comm as ds_comm
+import torch
 
 DEEPSPEED_VERSION = "0.19.8"  # the behaviour above was checked on this release; see pyproject pin
 
@@ -71,3 +72,72 @@ def _scoped(fn, group, root: int):
         return fn(*bound.args, **bound.kwargs)
 
     return wrapper
+
+
+# ---------------------------------------------------------------- optimizer state, for migration
+# DeepSpeed keeps the fp32 master weights and the optimizer state in flat partitions whose
+# attribute names differ by wrapper (checked on 0.19.8); a plain torch optimizer (ZeRO 0 in
+# fp32) keeps them per parameter.
+_FLAT_PARTITIONS = ("fp32_partitioned_groups_flat",  # ZeRO-3
+                    "single_partition_of_fp32_groups",  # ZeRO-1/2
+                    "fp32_groups_flat_partition")  # bf16 optimizer (ZeRO 0)
+
+
+def _inner(opt):
+    """The torch optimizer under DeepSpeed's wrapper (or ``opt`` itself)."""
+    inner = getattr(opt, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else opt
+
+
+def _state_tensors(opt) -> list:
+    """The tensors the torch optimizer keeps state for."""
+    for attr in _FLAT_PARTITIONS:
+        if hasattr(opt, attr):
+            return [t for t in getattr(opt, attr) if t.numel() > 0]
+    return [p for g in _inner(opt).param_groups for p in g["params"]]
+
+
+def full_state(engine, named) -> tuple[dict, float]:
+    """Every trainable tensor's full fp32 value and AdamW moments (name → param/exp_avg/
+    exp_avg_sq, on CPU) and the optimizer's step counter. Collective over the server group
+    under ZeRO 1-3 (each call gathers the shards): every server rank calls it alike."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    inner = _inner(opt)
+    out = {}
+    for name, p in named:
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # no partitioning: the torch optimizer holds this very parameter
+            st = inner.state.get(p, {})
+            out[name] = {"param": p.detach().float().cpu().clone(),
+                         **{k: st[k].float().cpu().clone() if k in st else torch.zeros(p.shape)
+                            for k in ("exp_avg", "exp_avg_sq")}}
+        else:
+            out[name] = {"param": full.float().cpu().clone(),
+                         **{k: safe_get_full_optimizer_state(p, k).float().cpu().clone()
+                            for k in ("exp_avg", "exp_avg_sq")}}
+    steps = [float(inner.state[t]["step"]) for t in _state_tensors(opt) if "step" in inner.state.get(t, {})]
+    return out, max(steps, default=0.0)
+
+
+def load_optimizer_state(engine, named, state: dict, step: float) -> None:
+    """Write AdamW moments into a freshly built engine (its parameters already hold the values):
+    AdamW creates its state lazily at the first step, so it is created here, at ``step``."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    opt = engine.optimizer
+    inner = _inner(opt)
+    for t in _state_tensors(opt):
+        inner.state[t] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                          "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link the fragments
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    for name, p in named:
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = state[name][key]
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                safe_set_full_optimizer_state(p, value.to(device=p.device, dtype=torch.float32), key)
+            else:
+                inner.state[p][key].copy_(value.to(inner.state[p][key].dtype))

@@ -18,7 +18,8 @@ def check_inputs(job) -> list | None:
     communicates, so bad input makes all ranks exit 2 alike. Returns this rank's prompts
     (None on a server rank)."""
     from fedsea_hpc.data.prompts import load_prompts
-    from fedsea_hpc.model.adapters import check_adapters
+    from fedsea_hpc.distributed.env import say
+    from fedsea_hpc.model.adapters import check_adapters, saved_partition
 
     cfg, topo = job.cfg, job.topo
     validate_generate(cfg)
@@ -26,6 +27,12 @@ def check_inputs(job) -> list | None:
     prompts = [load_prompts(cfg.generate, cfg.topology.clients, job.tokenizer, c, max_pos)
                for c in range(cfg.topology.clients)]
     if cfg.generate.adapters_dir:
+        saved = saved_partition(cfg.generate.adapters_dir, cfg.topology.clients, key="generate.adapters_dir")
+        if saved is not None and saved != cfg.splits():  # the run rebalanced: follow its final partition
+            if topo.rank == 0:
+                say(f"fedsea: note: generate.adapters_dir was saved at split.per_client={[list(x) for x in saved]} "
+                    f"(the training run's final partition); using it instead of {[list(x) for x in cfg.splits()]}")
+            cfg.split.per_client = [list(x) for x in saved]
         check_adapters(cfg.generate.adapters_dir, job.source, cfg.splits(), key="generate.adapters_dir",
                        model_name=cfg.model.name_or_path)
     return prompts[topo.client_index] if topo.role is Role.CLIENT else None

@@ -7,6 +7,7 @@ client i) and ``server/`` (Part B).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fedsea_hpc.model.partition import PartModel, client_layers, server_layers
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FULL_FILE = "model.safetensors"
+PARTITION_FILE = "partition.json"  # the per-client (p, q) the saved parts were cut at (the final one)
 
 
 def save_adapter(model: nn.Module, out_dir: str) -> None:
@@ -59,6 +61,22 @@ def _linear_dims(config) -> dict[str, tuple[int, int]]:
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def saved_partition(root: str, clients: int, *, key: str) -> list[tuple[int, int]] | None:
+    """The per-client splits a run's ``adapters/`` were saved at (``partition.json``), if recorded:
+    after a run that rebalanced, the final partition, which generation must use."""
+    f = Path(root) / PARTITION_FILE
+    if not f.is_file():
+        return None
+    try:
+        splits = [tuple(int(v) for v in pq) for pq in json.loads(f.read_text())["splits"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{key}: cannot read {f}: {e}") from None
+    if len(splits) != clients or any(len(pq) != 2 for pq in splits):
+        raise ConfigError(f"{key}: {f} records {len(splits)} clients' splits, but topology.clients = {clients}; "
+                          f"generate with the training run's topology.clients")
+    return splits
 
 
 def check_adapters(root: str, source, splits: list[tuple[int, int]], *, key: str, model_name: str) -> None:

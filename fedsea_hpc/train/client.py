@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from fedsea_hpc.adapt import migrate
 from fedsea_hpc.adapt.emulate import Emulator
 from fedsea_hpc.components.links import client_link
 from fedsea_hpc.config import CommConfig, PeftConfig, PrivacyConfig, TrainConfig
@@ -43,15 +44,9 @@ class ClientWorker:
         self.dump_aggregation = dump_aggregation
         self.emu = emulator
         self.index = topo.client_index
-        n_layers = source.config.num_hidden_layers
-        p, q = splits[self.index]
-        self.head_ids = list(range(p))
-        self.tail_ids = list(range(n_layers - q, n_layers))
-        self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).to(device)
-        self.model = apply_lora(self.part, peft, seed)
-        self.model.train()
-        self.params = trainable(self.model)
-        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=train.lr, weight_decay=train.weight_decay)
+        self.source, self.peft, self.train_cfg, self.seed, self.dtype = source, peft, train, seed, dtype
+        self.splits = [tuple(s) for s in splits]
+        self._build_part()
         self.link = client_link(topo, comm, privacy, counter, device)
         self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed)
         self.batches = self.data.batches(train.micro_batch_size)
@@ -60,10 +55,47 @@ class ClientWorker:
             keys = agree_keys(self.index, topo.clients, topo.client_group, device)
             self.secure_sum = SecureSum(self.index, topo.clients, topo.client_group, keys,
                                         record=dump_aggregation[1] > 0)
-        self.sync = ClientSync(self.params, client_union_layers(n_layers, splits), topo.client_group,
-                               secure_sum=self.secure_sum)
+        self._build_sync()
         self.samples_since_avg = 0
         self.a_phase_s, self.row_tokens = 0.0, 0
+
+    def _build_part(self, moved: migrate.Moved | None = None) -> None:
+        """Parts A + C for this client's (p, q), LoRA and AdamW; with ``moved`` (a migration)
+        every trainable tensor and its AdamW moments start from the moved state."""
+        n_layers = self.source.config.num_hidden_layers
+        p, q = self.splits[self.index]
+        self.head_ids = list(range(p))
+        self.tail_ids = list(range(n_layers - q, n_layers))
+        self.part = build_part(self.source, client_layers(n_layers, p, q), embed=True, head=True,
+                               dtype=self.dtype).to(self.device)
+        self.model = apply_lora(self.part, self.peft, self.seed)
+        self.model.train()
+        self.params = trainable(self.model)
+        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=self.train_cfg.lr,
+                                     weight_decay=self.train_cfg.weight_decay)
+        if moved is not None:
+            migrate.load_torch_state(self.params, self.opt, moved.for_part(self.params), moved.step)
+
+    def _build_sync(self) -> None:
+        """FedAvg/FedSGD slots over the blocks clients hold under the current splits."""
+        self.sync = ClientSync(self.params, client_union_layers(self.source.config.num_hidden_layers, self.splits),
+                               self.topo.client_group, secure_sum=self.secure_sum)
+
+    def repartition(self, new_splits, rows: list[int]) -> None:
+        """Move to ``new_splits`` live (see :mod:`fedsea_hpc.adapt.migrate`): blocks this client
+        gives up or takes on are merged with their other copies; the rest keep their state."""
+        old, step = migrate.torch_state(self.params, self.opt)
+        moved = migrate.exchange(self.source.config.num_hidden_layers, self.splits, new_splits, rows,
+                                 me=self.index, contributes=True, old_state=old, step=step, named=self.params,
+                                 topo=self.topo, dtype=self.dtype, device=self.device)
+        self.splits = [tuple(s) for s in new_splits]
+        self._build_part(moved)
+        self._build_sync()
+
+    @property
+    def split(self) -> tuple[int, int]:
+        """This client's current (p, q)."""
+        return self.splits[self.index]
 
     def next_batch(self):
         batch = next(self.batches).to(self.device)

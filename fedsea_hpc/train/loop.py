@@ -14,14 +14,15 @@ import torch.distributed as dist
 
 from fedsea_hpc.adapt.costs import CostMeter, job_costs
 from fedsea_hpc.adapt.emulate import Emulator, emulation_report
+from fedsea_hpc.adapt.rebalance import Rebalancer
 from fedsea_hpc.adapt.probe import probe_bytes, probe_client, probe_server
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
-from fedsea_hpc.components.outputs import save_atomically
+from fedsea_hpc.components.outputs import save_atomically, write_json
 from fedsea_hpc.config import Config
 from fedsea_hpc.distributed.env import say, store_barrier
 from fedsea_hpc.distributed.topology import Role, Topology
-from fedsea_hpc.model.adapters import save_adapter
+from fedsea_hpc.model.adapters import PARTITION_FILE, save_adapter
 from fedsea_hpc.train.client import ClientWorker
 from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect
@@ -69,9 +70,23 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         probe_server(worker.links, payload, device)
     bytes_per_row_token = source.config.hidden_size * torch.empty(0, dtype=dtype).element_size()
     costs = None
+    rebalancer = Rebalancer(cfg, source.config.num_hidden_layers)
+    rows = [cfg.train.micro_batch_size] * topo.clients  # samples per step per client: the merge weights
+    note: dict = {}  # what the next metrics row reports about a repartition
     t_start = time.perf_counter()
     for step in range(cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
+        if rebalancer.due(step):
+            new, rec = rebalancer.decide(step, costs, topo.rank, device)
+            if new is not None:
+                t_move = time.perf_counter()
+                worker.repartition(new, rows)
+                dist.barrier()  # migrate_s covers the slowest rank's rebuild (the server's engine)
+                rebalancer.follow(new)
+                if topo.rank == 0:
+                    note["rebalance"] = rebalancer.applied(rec, new, time.perf_counter() - t_move)
+            elif topo.rank == 0:
+                note["rebalance_decision"] = rec
         times = dict.fromkeys(PHASES, 0.0)
         sent_before = counter.totals()["sent"]
         t0 = time.perf_counter()
@@ -104,7 +119,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                 worker.serve([c] if mine else [], step, times)
                 worker.optimizer_step(times)
         if topo.role is Role.CLIENT:
-            p, q = cfg.split_for(topo.client_index)
+            p, q = worker.split
             meter.observe_client(step, a_phase_s=worker.a_phase_s, p=p, q=q, row_tokens=worker.row_tokens,
                                  # sync_s waits on peers; the link is wire_s's (from the probe)
                                  compute_s=times["client_compute_s"] + times["optim_s"] - times["emulated_link_s"])
@@ -120,13 +135,16 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
         maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64, device=device)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        log.step(step, sums[:3 + len(BYTE_KEYS)].cpu(), maxima.cpu(), costs=costs)
+        if topo.rank == 0 and (measured := rebalancer.observe(step, float(maxima[0]))):
+            note["rebalance_measured"] = measured
+        log.step(step, sums[:3 + len(BYTE_KEYS)].cpu(), maxima.cpu(), costs=costs, extra=note)
+        note = {}
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
     dist.barrier()
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
-                      | _probe_report(costs, probe_bytes(payload)))
+                      | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish())
 
 
 def _probe_report(costs: dict | None, nbytes: int) -> dict:
@@ -150,6 +168,8 @@ def _save_outputs(cfg: Config, topo: Topology, worker) -> None:
     root = os.path.join(cfg.run.output_dir, "adapters")
     if topo.role is Role.CLIENT:
         save_atomically(os.path.join(root, f"client{topo.client_index}"), lambda d: save_adapter(worker.model, d))
+        if topo.rank == 0:  # generation reads the partition the parts were saved at (it may have moved)
+            write_json(os.path.join(root, PARTITION_FILE), {"splits": [list(x) for x in worker.splits]})
         return
     import deepspeed
 

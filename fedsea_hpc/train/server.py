@@ -6,6 +6,8 @@ receives ``h_A`` from each client it serves this round, stacks them into one cli
 the clients' ``dL/dh_B``. ZeRO needs every server rank to make the same calls each round, so a
 rank with no client this round (sequential mode) runs a single dummy row whose output gradient
 is zero: it touches every layer and joins every collective, and adds nothing to the gradient.
+When the split points move (:mod:`fedsea_hpc.adapt.rebalance`), :meth:`ServerWorker.repartition`
+rebuilds the engine over the new block set with every block's trained state.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import time
 
 import torch
 
+from fedsea_hpc.adapt import migrate
 from fedsea_hpc.components.engine import server_engine
 from fedsea_hpc.components.links import server_links
 from fedsea_hpc.config import CommConfig, DeepSpeedConfig, PeftConfig, TrainConfig
+from fedsea_hpc.distributed.deepspeed_glue import full_state, load_optimizer_state
 from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import ServerSpans, build_part
@@ -36,19 +40,49 @@ class ServerWorker:
                  comm: CommConfig, seed: int, dump_wire: tuple[str, int] = ("", 0)):
         self.topo, self.dtype, self.device = topo, dtype, device
         self.dump_dir, self.dump_steps = dump_wire
-        # Blocks client c actually uses on the server: [p_c, L - q_c); the group holds the union.
-        self.spans = ServerSpans.from_splits(source.config.num_hidden_layers, splits)
+        self.source, self.peft, self.train_cfg, self.ds_cfg, self.seed = source, peft, train, deepspeed, seed
         self.measured_s, self.row_token_blocks = 0.0, 0  # real (non-dummy) work this step, for the cost model
-        part = build_part(source, list(self.spans.layer_ids), embed=False, head=False, dtype=dtype).to(device)
-        self.model = apply_lora(part, peft, seed)
-        self.params = trainable(self.model)
-        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=train.lr, weight_decay=train.weight_decay)
-        self.engine = server_engine(self.model, topo, deepspeed, dtype, optimizer)
+        self.splits = [tuple(s) for s in splits]
+        self._build(self.splits)
         self.hidden = source.config.hidden_size
         self.links = server_links(topo, comm, counter, device)
         # What a client may send: at most a micro-batch of rows of at most seq_len tokens.
         self.expect_lengths = Expect(torch.int64, ((1, train.micro_batch_size),))
         self.max_tokens = train.seq_len
+
+    def _build(self, splits, moved: migrate.Moved | None = None) -> None:
+        """Part B for ``splits``: the blocks, LoRA, optimizer and DeepSpeed engine; with ``moved``
+        (a migration) every trainable tensor and its AdamW moments start from the moved state."""
+        # Blocks client c actually uses on the server: [p_c, L - q_c); the group holds the union.
+        self.spans = ServerSpans.from_splits(self.source.config.num_hidden_layers, splits)
+        part = build_part(self.source, list(self.spans.layer_ids), embed=False, head=False,
+                          dtype=self.dtype).to(self.device)
+        self.model = apply_lora(part, self.peft, self.seed)
+        self.params = trainable(self.model)
+        state = moved.for_part(self.params) if moved is not None else None
+        if state is not None:  # values before deepspeed.initialize: every ZeRO stage copies them from here
+            with torch.no_grad():
+                for name, p in self.params:
+                    p.copy_(state[name]["param"].to(p.dtype))
+        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=self.train_cfg.lr,
+                                      weight_decay=self.train_cfg.weight_decay)
+        self.engine = server_engine(self.model, self.topo, self.ds_cfg, self.dtype, optimizer)
+        if state is not None:
+            load_optimizer_state(self.engine, self.params, state, moved.step)
+
+    def repartition(self, new_splits, rows: list[int]) -> None:
+        """Move to ``new_splits`` live (see :mod:`fedsea_hpc.adapt.migrate`): gather the whole
+        Part B state, merge the changed blocks with their other copies, rebuild the engine over
+        the new block set. Every rank of the job calls its worker's ``repartition`` together."""
+        old, step = full_state(self.engine, self.params)  # collective over the server group
+        self.engine.destroy()  # ZeRO-3 hooks off the old module before the new engine is built
+        moved = migrate.exchange(self.source.config.num_hidden_layers, self.splits, new_splits, rows,
+                                 me=migrate.SERVER, contributes=self.topo.rank == self.topo.server_ranks[0],
+                                 old_state=old, step=step, named=self.params, topo=self.topo,
+                                 dtype=self.dtype, device=self.device)
+        del self.engine, self.model, self.params
+        self.splits = [tuple(s) for s in new_splits]
+        self._build(self.splits, moved)
 
     def _recv_inputs(self, c: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``c``'s lengths [B] and h_A [B, T, H], each checked before it is allocated."""
