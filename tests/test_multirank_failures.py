@@ -30,6 +30,7 @@ BAD_INPUTS = {
     "noise_mode": (["privacy.noise_mode=loud"], 2, "privacy.noise_mode"),
     "rebalance_every": (["split.rebalance=every", "split.rebalance_every=0"], 2, "split.rebalance_every"),
     "schedule_too_deep": (["debug.partition_schedule=[[1,3,3]]"], 2, "debug.partition_schedule[0]"),
+    "memory_budget": (["split.client_memory_mb=[0.1]"], 2, "split.client_memory_mb"),
 }
 
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-SLOT = 6  # per rank: client block rate, client fixed rate, row-tokens per step, server block rate,
-#          link latency (s), link seconds per byte (the last two from the start-up wire probe)
+SLOT = 8  # per rank: client block rate, client fixed rate, row-tokens per step, server block rate,
+#          link latency (s), link seconds per byte (from the start-up wire probe), client MiB per
+#          block and split-independent client MiB (adapt.memory: static + largest saved activations)
 WARMUP_STEPS = 1
 
 
@@ -48,13 +49,20 @@ class CostMeter:
         self.rank, self.world_size = rank, world_size
         self.block, self.fixed, self.tokens, self.server = (Ewma(alpha) for _ in range(4))
         self.latency_s = self.s_per_byte = 0.0
+        self.static = None  # adapt.memory.StaticMemory of a client
+        self.act_block_b = self.act_fixed_b = 0  # largest activation bytes seen (memory must fit the peak)
 
     def set_link(self, latency_s: float, s_per_byte: float) -> None:
         """This client's link, from :func:`fedsea_hpc.adapt.probe.probe_client`."""
         self.latency_s, self.s_per_byte = latency_s, s_per_byte
 
-    def observe_client(self, step: int, *, a_phase_s: float, compute_s: float, p: int, q: int, row_tokens: int) -> None:
-        """``a_phase_s``: A forward + backward; ``compute_s``: every compute second of the step."""
+    def observe_client(self, step: int, *, a_phase_s: float, compute_s: float, p: int, q: int, row_tokens: int,
+                       saved_a: int = 0, saved_c: int = 0) -> None:
+        """``a_phase_s``: A forward + backward; ``compute_s``: every compute second of the step;
+        ``saved_a`` / ``saved_c``: bytes autograd saved in the A / C forward (adapt.memory.SavedBytes)."""
+        block_b = saved_a / p
+        self.act_block_b = max(self.act_block_b, block_b)
+        self.act_fixed_b = max(self.act_fixed_b, saved_c - block_b * q)
         if step < WARMUP_STEPS or row_tokens <= 0:
             return
         block = a_phase_s / p
@@ -72,6 +80,10 @@ class CostMeter:
         v = torch.zeros(self.world_size * SLOT, dtype=dtype, device=device)
         vals = [e.value or 0.0 for e in (self.block, self.fixed, self.tokens, self.server)]
         vals += [self.latency_s, self.s_per_byte]
+        if self.static is not None:
+            vals += [self.static.block_mb + self.act_block_b / 2**20, self.static.fixed_mb + self.act_fixed_b / 2**20]
+        else:
+            vals += [0.0, 0.0]
         v[self.rank * SLOT:(self.rank + 1) * SLOT] = torch.tensor(vals, dtype=dtype)
         return v
 
@@ -92,4 +104,6 @@ def job_costs(reduced: torch.Tensor, clients: int, server_rank_of: list[int], by
     return {"client_block_s": block, "client_fixed_s": fixed, "server_block_s": server, "wire_s": wire,
             "row_tokens": [slots[c][2] for c in range(clients)],
             "link_latency_s": [slots[c][4] for c in range(clients)],
-            "link_s_per_byte": [slots[c][5] for c in range(clients)]}
+            "link_s_per_byte": [slots[c][5] for c in range(clients)],
+            "client_block_mb": [slots[c][6] for c in range(clients)],
+            "client_fixed_mb": [slots[c][7] for c in range(clients)]}

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from fedsea_hpc.adapt import planner
 from fedsea_hpc.config import Config
+from fedsea_hpc.distributed.env import say
 
 MEASURE_STEPS = 5  # steps on a new partition averaged into a record's measured step time (after one warm-up)
 
@@ -30,7 +31,7 @@ class Rebalancer:
         self.mode, self.every, self.warmup, self.min_gain = s.rebalance, s.rebalance_every, s.rebalance_warmup_steps, \
             s.rebalance_min_gain
         self.schedule = {int(t): (int(p), int(q)) for t, p, q in cfg.debug.partition_schedule}
-        self.limits = planner.Limits(num_layers, s.min_head_layers, s.min_tail_layers)
+        self.limits = planner.Limits(num_layers, s.min_head_layers, s.min_tail_layers, list(s.client_memory_mb))
         self.train_mode, self.servers, self.clients = cfg.train.mode, cfg.topology.servers, cfg.topology.clients
         self.splits = [tuple(x) for x in cfg.splits()]
         self.records: list[dict] = []
@@ -62,7 +63,12 @@ class Rebalancer:
             return None, rec
         c = _costs(costs)
         t_plan = time.perf_counter()
-        plan = planner.plan(c, self.limits, self.splits, servers=self.servers, mode=self.train_mode)
+        try:
+            plan = planner.plan(c, self.limits, self.splits, servers=self.servers, mode=self.train_mode)
+        except planner.PlanError as e:  # measured activations outgrew a budget: say so, keep the partition
+            say(f"fedsea: warning: rebalance before step {step}: {e}; keeping the current partition")
+            rec["reason"] = f"no partition fits: {e}"
+            return None, rec
         rec["plan_s"] = time.perf_counter() - t_plan
         rec["predicted_old_s"] = self._predict(c, self.splits)
         rec["predicted_new_s"] = plan.predicted_s
@@ -129,4 +135,5 @@ class Rebalancer:
 
 
 def _costs(costs: dict) -> planner.Costs:
-    return planner.Costs(costs["client_block_s"], costs["client_fixed_s"], costs["wire_s"], costs["server_block_s"])
+    return planner.Costs(costs["client_block_s"], costs["client_fixed_s"], costs["wire_s"], costs["server_block_s"],
+                         client_fixed_mb=costs.get("client_fixed_mb", ()), client_block_mb=costs.get("client_block_mb", ()))

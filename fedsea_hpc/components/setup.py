@@ -45,6 +45,7 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
     """Tokenizer, model source (config and tensor index only) and the split points checked."""
     import torch
 
+    from fedsea_hpc.adapt.memory import check_budgets
     from fedsea_hpc.data.tokenizer import TINY_VOCAB_SIZE, load_tokenizer
     from fedsea_hpc.distributed.topology import Topology
     from fedsea_hpc.model.loading import resolve_model
@@ -61,4 +62,5 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
                                                intermediate_size=m.tiny_intermediate_size))
     source.config._attn_implementation = m.attn_implementation
     validate(cfg, num_layers=source.config.num_hidden_layers)
+    check_budgets(cfg, source.config, getattr(torch, m.dtype))
     return Job(cfg, topo, source, tokenizer, getattr(torch, m.dtype))

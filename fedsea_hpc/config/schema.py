@@ -68,6 +68,9 @@ class SplitConfig:
                                  "embeddings (see the README's measured attack).")
     min_tail_layers: int = _f(1, "Floor on q (blocks in Part C, before the head that sees the labels), checked at start "
                                  "and kept by the planner.")
+    client_memory_mb: list = _f([], "Optional memory budget per client in MiB (a number > 0, or null = none), one per "
+                                    "client: the initial split and every plan must fit (weights, adapters, optimizer "
+                                    "state, measured activations; README, Rebalancing). [] = no budgets.")
     rebalance: Literal["off", "once", "every"] = _f(
         "off", "Move split points at run time from measured costs (README, Rebalancing): off; once (after "
                "split.rebalance_warmup_steps); every (re-plan every split.rebalance_every steps). Blocks move with "

@@ -59,6 +59,12 @@ def _check_rebalance(cfg, need) -> None:
     need(isinstance(s.rebalance_min_gain, (int, float)) and not isinstance(s.rebalance_min_gain, bool)
          and math.isfinite(s.rebalance_min_gain) and s.rebalance_min_gain >= 1,
          f"split.rebalance_min_gain: must be a number >= 1, got {s.rebalance_min_gain}")
+    mem = s.client_memory_mb
+    n = cfg.topology.clients
+    need(isinstance(mem, list) and (not mem or len(mem) == n) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0)
+        for v in mem), f"split.client_memory_mb: must be [] or one budget per client ({n}), each a number > 0 "
+                       f"(MiB) or null, got {mem}")
     sched = cfg.debug.partition_schedule
     need(isinstance(sched, list) and all(isinstance(e, list) and len(e) == 3 and all(_is_int(v) for v in e)
                                          for e in sched),

@@ -54,7 +54,7 @@ def _shapes(d: Path, key: str) -> dict[str, tuple[int, ...]]:
         raise ConfigError(f"{key}: cannot read {f}: {str(e).splitlines()[0]}") from None
 
 
-def _linear_dims(config) -> dict[str, tuple[int, int]]:
+def linear_dims(config) -> dict[str, tuple[int, int]]:
     """(in, out) features of each Llama linear, from the model config."""
     h, i = config.hidden_size, config.intermediate_size
     hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
@@ -89,7 +89,7 @@ def check_adapters(root: str, source, splits: list[tuple[int, int]], *, key: str
     n_layers = source.config.num_hidden_layers
     want = {f"client{c}": client_layers(n_layers, p, q) for c, (p, q) in enumerate(splits)}
     want["server"] = server_layers(n_layers, splits)
-    dims = _linear_dims(source.config)
+    dims = linear_dims(source.config)
     ref_shapes = None
     for name, layers in want.items():
         d = root_p / name

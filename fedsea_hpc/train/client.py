@@ -13,6 +13,7 @@ import torch
 
 from fedsea_hpc.adapt import migrate
 from fedsea_hpc.adapt.emulate import Emulator
+from fedsea_hpc.adapt.memory import SavedBytes
 from fedsea_hpc.components.links import client_link
 from fedsea_hpc.config import CommConfig, PeftConfig, PrivacyConfig, TrainConfig
 from fedsea_hpc.data.dataset import ClientData
@@ -58,6 +59,7 @@ class ClientWorker:
         self._build_sync()
         self.samples_since_avg = 0
         self.a_phase_s, self.row_tokens = 0.0, 0
+        self.saved_a = self.saved_c = 0  # bytes autograd saved in the A / C forward of the last step
 
     def _build_part(self, moved: migrate.Moved | None = None) -> None:
         """Parts A + C for this client's (p, q), LoRA and AdamW; with ``moved`` (a migration)
@@ -109,9 +111,10 @@ class ClientWorker:
         """
         emu = self.emu
         t0 = time.perf_counter()
-        h0 = self.part.embed(batch.input_ids)
-        ctx = self.part.context(h0, batch.lengths)  # right-padded, from lengths alone
-        h_a = self.part.run_layers(h0, self.head_ids, ctx)
+        with SavedBytes() as saved_a:  # activation memory, for split.client_memory_mb (adapt.memory)
+            h0 = self.part.embed(batch.input_ids)
+            ctx = self.part.context(h0, batch.lengths)  # right-padded, from lengths alone
+            h_a = self.part.run_layers(h0, self.head_ids, ctx)
         emu.stretch(time.perf_counter() - t0, times)
         t_a = time.perf_counter()
         self.link.send_lengths(batch.lengths, step)
@@ -122,8 +125,9 @@ class ClientWorker:
         h_b = self.link.recv_activation(step, mine).requires_grad_(True)
         emu.message(h_b, times=times)
         t2 = time.perf_counter()
-        out = self.part.run_layers(h_b, self.tail_ids, ctx)
-        total = loss_sum(self.part.head_logits(out), batch.labels)
+        with SavedBytes() as saved_c:
+            out = self.part.run_layers(h_b, self.tail_ids, ctx)
+            total = loss_sum(self.part.head_logits(out), batch.labels)
         (total / loss_norm).backward()
         emu.stretch(time.perf_counter() - t2, times)
         self.link.send_gradient(h_b.grad, step)
@@ -139,6 +143,7 @@ class ClientWorker:
         times["wait_server_s"] += (t2 - t1) + (t4 - t3)
         self.a_phase_s = (t_a - t0) + (t5 - t4)  # for the cost model: p blocks, both passes
         self.row_tokens = int(h_a.shape[0] * h_a.shape[1])
+        self.saved_a, self.saved_c = saved_a.bytes, saved_c.bytes
         return float(total.detach())
 
     def optimizer_step(self, *, fedsgd: bool, grad_scale: float, times: dict) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from fedsea_hpc.adapt.costs import CostMeter, job_costs
 from fedsea_hpc.adapt.emulate import Emulator, emulation_report
+from fedsea_hpc.adapt.memory import static_memory
 from fedsea_hpc.adapt.rebalance import Rebalancer
 from fedsea_hpc.adapt.probe import probe_bytes, probe_client, probe_server
 from fedsea_hpc.components.links import noise_report
@@ -64,6 +65,8 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     server_rank_of = [topo.server_of(c) for c in range(topo.clients)]
     store_barrier("fedsea/parts-ready", topo.world_size, cfg.comm.startup_timeout_s)  # start the clock together
     payload = cfg.train.micro_batch_size * cfg.train.seq_len * source.config.hidden_size
+    if topo.role is Role.CLIENT:  # static memory per block (adapt.memory), the activations are measured
+        meter.static = static_memory(source.config, dtype, cfg.peft.lora_r, cfg.peft.target_modules)
     if topo.role is Role.CLIENT:  # the wire probe: latency and throughput of each client's link
         meter.set_link(*probe_client(worker.link, worker.emu, payload, device, dict.fromkeys(PHASES, 0.0)))
     else:
@@ -121,6 +124,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         if topo.role is Role.CLIENT:
             p, q = worker.split
             meter.observe_client(step, a_phase_s=worker.a_phase_s, p=p, q=q, row_tokens=worker.row_tokens,
+                                 saved_a=worker.saved_a, saved_c=worker.saved_c,
                                  # sync_s waits on peers; the link is wire_s's (from the probe)
                                  compute_s=times["client_compute_s"] + times["optim_s"] - times["emulated_link_s"])
         else:
