@@ -358,7 +358,7 @@ def test_adapters_are_peft_and_load_onto_the_hf_model(runs, tmp_path):
     cfg = load_config(str(out / "config.yaml"))
     assert cfg.peft.lora_r > 0
     root = out / "adapters"
-    assert sorted(os.listdir(root)) == ["client0", "client1", "server"]
+    assert sorted(os.listdir(root)) == ["client0", "client1", "partition.json", "server"]
     for d in ("client0", "client1", "server"):
         conf = json.loads((root / d / "adapter_config.json").read_text())
         assert conf["peft_type"] == "LORA"

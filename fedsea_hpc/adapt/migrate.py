@@ -19,7 +19,7 @@ Blocks whose holder set does not change are not touched: their copies keep their
 Holders of a changed block exchange exactly one sum, over a process group of the holders
 (old and new) of the blocks that share that holder set, so no other rank sees a copy. With
 identical copies (FedSGD, no noise) a merge returns that copy, so a run whose partition moves
-reproduces an unmoved one (the invariant tested in ``tests/test_rebalance_multirank.py``).
+reproduces an unmoved one (the invariant tested in ``tests/test_multirank_train.py``).
 
 This module is the pure part (who holds what, what moves, the weights) and the one collective
 (:func:`merge`); the workers extract and load their own states (torch on clients,
