@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsea_hpc.adapt import planner
 from fedsea_hpc.config import ConfigError
 from fedsea_hpc.model.adapters import linear_dims
 
@@ -61,14 +62,18 @@ def check_budgets(cfg, config, dtype: torch.dtype) -> None:
     if not budgets:
         return
     mem = static_memory(config, dtype, cfg.peft.lora_r, cfg.peft.target_modules)
-    k_min = cfg.split.min_head_layers + cfg.split.min_tail_layers
+    n = len(budgets)
+    zeros = [0.0] * n  # times do not matter here: only the planner's budget rule
+    try:
+        planner.feasible_ks(planner.Costs(zeros, zeros, zeros, zeros, client_fixed_mb=[mem.fixed_mb] * n,
+                                          client_block_mb=[mem.block_mb] * n),
+                            planner.Limits(config.num_hidden_layers, cfg.split.min_head_layers,
+                                           cfg.split.min_tail_layers, budgets))
+    except planner.PlanError as e:
+        raise ConfigError(f"{e} (weights, adapters and optimizer state; activations come on top)") from None
     for c, budget in enumerate(budgets):
         if budget is None:
             continue
-        if mem.need(k_min) > budget:
-            raise ConfigError(f"split.client_memory_mb: client {c}'s budget {budget:g} MiB is below the "
-                              f"{mem.need(k_min):.1f} MiB that even its smallest split (p + q = {k_min}) needs "
-                              f"(weights, adapters and optimizer state; activations come on top)")
         p, q = cfg.split_for(c)
         if mem.need(p + q) > budget:
             where = f"split.per_client[{c}]" if cfg.split.per_client else "split.head_layers/tail_layers"

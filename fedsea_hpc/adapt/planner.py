@@ -133,7 +133,7 @@ def _feasible(a: dict[str, np.ndarray], clients: int, limits: Limits) -> list[np
             if ks.size == 0:
                 least = a["client_fixed_mb"][c] + a["client_block_mb"][c] * lo
                 raise PlanError(f"split.client_memory_mb: client {c}'s budget {budgets[c]:g} MiB is below the "
-                                f"{least:.1f} MiB its smallest allowed split (p + q = {lo}) needs")
+                                f"{least:.1f} MiB that even its smallest split (p + q = {lo}) needs")
         out.append(ks)
     return out
 
