@@ -273,6 +273,24 @@ def test_moving_blocks_live_keeps_centralized_losses(runs, zero):
     assert adapter_layers(out / "adapters" / "server") == {1, 2, 3, 4}
 
 
+def test_balanced_placement_moves_clients_between_servers_without_changing_the_maths(runs):
+    """topology.assignment=balanced: client 1 starts with more server work (it keeps 2 blocks,
+    client 0 keeps 3), so it gets server 0 and client 0 server 1; when the forced move evens the
+    split at step 4 the clients swap servers live (links only: Part B is the same on both). The
+    losses are those of the same run under round-robin, which never moves a client."""
+    common = ["privacy.noise_std=0", "federated.avg_every=1", "train.steps=8", "topology.clients=2",
+              "topology.servers=2", "deepspeed.zero_stage=3", "split.per_client=[[2,1],[1,1]]",
+              "debug.partition_schedule=[[4,2,1]]"]
+    rr = load_summary(runs.get("placed-rr", common, 4))
+    bal = load_summary(runs.get("placed-balanced", [*common, "topology.assignment=balanced"], 4))
+    diffs = [abs(a - b) for a, b in zip(bal["losses"], rr["losses"])]
+    assert len(diffs) == 8 and max(diffs) < 1e-6, diffs
+    (rec,) = bal["rebalances"]
+    assert (rec["step"], rec["old_assignment"], rec["new_assignment"]) == (4, [1, 0], [0, 1])
+    assert bal["final_assignment"] == [0, 1] and "final_assignment" not in rr
+    assert rr["final_partition"] == bal["final_partition"] == [[2, 1], [2, 1]]
+
+
 def _saved_layers(d: Path) -> set[int]:
     f = d / "adapter_model.safetensors"
     f = f if f.is_file() else d / "model.safetensors"

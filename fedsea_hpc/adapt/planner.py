@@ -199,6 +199,12 @@ def assign_balanced(work: Sequence[float], servers: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def static_placement(splits: Sequence[tuple[int, int]], num_layers: int, servers: int) -> tuple[int, ...]:
+    """``topology.assignment=balanced`` before anything is measured: equal rows per client, so a
+    client's server work is its server blocks, L - p - q."""
+    return assign_balanced([num_layers - p - q for p, q in splits], servers)
+
+
 def round_robin(clients: int, servers: int) -> tuple[int, ...]:
     return tuple(c % servers for c in range(clients))
 

@@ -26,7 +26,7 @@ MEASURE_STEPS = 5  # steps on a new partition averaged into a record's measured 
 class Rebalancer:
     """One per rank; only rank 0's plans count (the broadcast makes them everyone's)."""
 
-    def __init__(self, cfg: Config, num_layers: int):
+    def __init__(self, cfg: Config, num_layers: int, placement=None):
         s = cfg.split
         self.mode, self.every, self.warmup, self.min_gain = s.rebalance, s.rebalance_every, s.rebalance_warmup_steps, \
             s.rebalance_min_gain
@@ -34,6 +34,11 @@ class Rebalancer:
         self.limits = planner.Limits(num_layers, s.min_head_layers, s.min_tail_layers, list(s.client_memory_mb))
         self.train_mode, self.servers, self.clients = cfg.train.mode, cfg.topology.servers, cfg.topology.clients
         self.splits = [tuple(x) for x in cfg.splits()]
+        self.placement = tuple(placement if placement is not None  # server index per client (topology.assignment)
+                               else planner.round_robin(self.clients, self.servers))
+        # balanced placement only changes the predicted (and real) step time in lockstep with >= 2 servers
+        self.balanced = cfg.topology.assignment == "balanced"
+        self.replace = self.balanced and self.train_mode == "parallel" and self.servers > 1
         self.records: list[dict] = []
         self.step_times: list[tuple[int, float]] = []  # (step, step_time_s) on rank 0
 
@@ -47,68 +52,83 @@ class Rebalancer:
             return step >= self.warmup and (step - self.warmup) % self.every == 0
         return False
 
-    def _plan(self, step: int, costs: dict | None) -> tuple[list[tuple[int, int]] | None, dict]:
-        """Rank 0: the new splits (None = stay) and what the record says about them."""
+    def _plan(self, step: int, costs: dict | None) -> tuple[tuple | None, dict]:
+        """Rank 0: the new (splits, placement) (None = stay) and what the record says about them."""
         rec: dict = {"step": step, "old": [list(x) for x in self.splits]}
+        if self.balanced:
+            rec["old_assignment"] = list(self.placement)
+        c = _costs(costs) if costs is not None else None
         if step in self.schedule:
             rec["reason"] = "debug.partition_schedule"
             new = [self.schedule[step]] * self.clients
-            if costs is not None:
-                c = _costs(costs)
-                rec["predicted_old_s"] = self._predict(c, self.splits)
-                rec["predicted_new_s"] = self._predict(c, new)
-            return (new if new != self.splits else None), rec
-        if costs is None:
+            place = self._place(c, new) if self.replace else self.placement
+            if c is not None:
+                rec["predicted_old_s"] = self._predict(c, self.splits, self.placement)
+                rec["predicted_new_s"] = self._predict(c, new, place)
+            return ((new, place) if (new, place) != (self.splits, self.placement) else None), rec
+        if c is None:
             rec["reason"] = "no costs measured yet"
             return None, rec
-        c = _costs(costs)
         t_plan = time.perf_counter()
         try:
-            plan = planner.plan(c, self.limits, self.splits, servers=self.servers, mode=self.train_mode)
+            plan = planner.plan(c, self.limits, self.splits, servers=self.servers, mode=self.train_mode,
+                                assignment="balanced" if self.replace else "round_robin",
+                                current_assignment=self.placement)
         except planner.PlanError as e:  # measured activations outgrew a budget: say so, keep the partition
             say(f"fedsea: warning: rebalance before step {step}: {e}; keeping the current partition")
             rec["reason"] = f"no partition fits: {e}"
             return None, rec
         rec["plan_s"] = time.perf_counter() - t_plan
-        rec["predicted_old_s"] = self._predict(c, self.splits)
+        rec["predicted_old_s"] = self._predict(c, self.splits, self.placement)
         rec["predicted_new_s"] = plan.predicted_s
-        new = [tuple(x) for x in plan.splits]
-        if new == self.splits:
+        new, place = [tuple(x) for x in plan.splits], tuple(plan.assignment)
+        if (new, place) == (self.splits, self.placement):
             rec["reason"] = "the current partition is already the best predicted"
             return None, rec
         if not planner.worth_moving(rec["predicted_old_s"], plan.predicted_s, self.min_gain):
             rec["reason"] = f"predicted gain below split.rebalance_min_gain={self.min_gain:g}"
             return None, rec
         rec["reason"] = "planned"
-        return new, rec
+        return (new, place), rec
 
-    def _predict(self, c: planner.Costs, splits) -> float:
-        return planner.predict(c, self.limits.num_layers, [p + q for p, q in splits],
-                               planner.round_robin(self.clients, self.servers), self.servers, self.train_mode)
+    def _place(self, c: planner.Costs | None, splits) -> tuple[int, ...]:
+        """Balanced placement for forced ``splits``: by measured server work, else by blocks."""
+        if c is None:
+            return planner.static_placement(splits, self.limits.num_layers, self.servers)
+        return planner.assign_balanced([b * (self.limits.num_layers - p - q)
+                                        for b, (p, q) in zip(c.server_block_s, splits)], self.servers)
 
-    def decide(self, step: int, costs: dict | None, rank: int, device: torch.device) -> tuple[list | None, dict]:
-        """Rank 0 plans; one broadcast gives every rank the same answer (None = stay)."""
+    def _predict(self, c: planner.Costs, splits, placement) -> float:
+        return planner.predict(c, self.limits.num_layers, [p + q for p, q in splits], placement, self.servers,
+                               self.train_mode)
+
+    def decide(self, step: int, costs: dict | None, rank: int, device: torch.device) -> tuple[tuple | None, dict]:
+        """Rank 0 plans; one broadcast gives every rank the same answer: None (stay) or
+        (splits, placement), one (p, q) and one server index per client."""
         new, rec = self._plan(step, costs) if rank == 0 else (None, {})
-        msg = torch.zeros(1 + 2 * self.clients, dtype=torch.int64, device=device)
+        n = self.clients
+        msg = torch.zeros(1 + 3 * n, dtype=torch.int64, device=device)
         if rank == 0 and new is not None:
             msg[0] = 1
-            msg[1:] = torch.tensor([v for pq in new for v in pq], dtype=torch.int64)
+            msg[1:] = torch.tensor([v for pq in new[0] for v in pq] + list(new[1]), dtype=torch.int64)
         dist.broadcast(msg, src=0)
         if msg[0].item() == 0:
             return None, rec
         vals = msg[1:].tolist()
-        return [(vals[2 * c], vals[2 * c + 1]) for c in range(self.clients)], rec
+        return ([(vals[2 * c], vals[2 * c + 1]) for c in range(n)], tuple(vals[2 * n:])), rec
 
-    def applied(self, rec: dict, new: list, migrate_s: float) -> dict:
-        """Rank 0: the record of a change that has just been applied (logged with the next step)."""
-        rec = {**rec, "new": [list(x) for x in new], "migrate_s": migrate_s}
+    def applied(self, rec: dict, new: tuple, migrate_s: float) -> dict:
+        """Rank 0, after :meth:`follow`: the record of a change just applied (logged with the next step)."""
+        rec = {**rec, "new": [list(x) for x in new[0]], "migrate_s": migrate_s}
+        if self.balanced:
+            rec["new_assignment"] = list(new[1])
         self.records.append(rec)
-        self.splits = [tuple(x) for x in new]
         return rec
 
-    def follow(self, splits) -> None:
-        """Every rank: the partition now in force (rank 0 also learns it from :meth:`applied`)."""
-        self.splits = [tuple(x) for x in splits]
+    def follow(self, new: tuple) -> None:
+        """Every rank: the (splits, placement) now in force."""
+        self.splits = [tuple(x) for x in new[0]]
+        self.placement = tuple(new[1])
 
     def observe(self, step: int, step_time_s: float) -> dict | None:
         """Rank 0, after each step: returns a measurement once a record's window is complete."""
@@ -131,7 +151,10 @@ class Rebalancer:
             if "measured_new_s" not in rec:
                 window = [t for s, t in self.step_times if s > rec["step"]][:MEASURE_STEPS]
                 rec["measured_new_s"] = sum(window) / len(window) if window else None
-        return {"final_partition": [list(x) for x in self.splits], "rebalances": self.records}
+        out = {"final_partition": [list(x) for x in self.splits], "rebalances": self.records}
+        if self.balanced:
+            out["final_assignment"] = list(self.placement)
+        return out
 
 
 def _costs(costs: dict) -> planner.Costs:

@@ -43,6 +43,15 @@ def client_link(topo: Topology, comm: CommConfig, privacy: PrivacyConfig, counte
                          relative=privacy.noise_mode == "relative")
 
 
+def relink_client(sender: PrivateSender, topo: Topology, comm: CommConfig, counter: ByteCounter,
+                  device: torch.device) -> None:
+    """Point this client's link at the server ``topo`` now places it on; the noise generator and
+    every other setting of ``sender`` carry on (a new peer must not restart the noise stream)."""
+    peer = topo.server_of(topo.client_index)
+    if sender.channel.peer != peer:
+        sender.channel = channel(peer, comm, counter, device)
+
+
 def server_links(topo: Topology, comm: CommConfig, counter: ByteCounter, device: torch.device) -> dict[int, Channel]:
     """This server rank's links, one per client it serves (by client index)."""
     return {c: channel(c, comm, counter, device) for c in topo.clients_of(topo.rank)}

@@ -63,4 +63,8 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
     source.config._attn_implementation = m.attn_implementation
     validate(cfg, num_layers=source.config.num_hidden_layers)
     check_budgets(cfg, source.config, getattr(torch, m.dtype))
+    if topo is not None and cfg.topology.assignment == "balanced":
+        from fedsea_hpc.adapt.planner import static_placement
+
+        topo.place(static_placement(cfg.splits(), source.config.num_hidden_layers, topo.servers))
     return Job(cfg, topo, source, tokenizer, getattr(torch, m.dtype))

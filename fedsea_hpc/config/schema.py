@@ -56,6 +56,11 @@ class ModelConfig:
 class TopologyConfig:
     clients: int = _f(2, "Number of client ranks (data silos); they are global ranks 0..clients-1.")
     servers: int = _f(1, "Number of server ranks (DeepSpeed group); global ranks clients..clients+servers-1.")
+    assignment: Literal["round_robin", "balanced"] = _f(
+        "round_robin", "Which server rank serves which client: round_robin (client c on server c % servers) or "
+                       "balanced (longest server work first onto the least loaded server rank, work = rows x "
+                       "server blocks; re-planned with the split points by split.rebalance). Only "
+                       "train.mode=parallel with servers >= 2 differs.")
 
 
 @dataclass(kw_only=True)

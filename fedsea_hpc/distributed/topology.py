@@ -2,8 +2,9 @@
 
 Built once from the world size and the config and passed explicitly (no module globals).
 Client ranks are ``0..C-1`` (rank 0 is a client, so it owns the loss and writes metrics);
-server ranks are ``C..C+S-1``. Client ``i`` is served by server ``C + i % S``, so clients are
-spread round-robin and server ranks are data-parallel over clients.
+server ranks are ``C..C+S-1``. Client ``i`` is served by server ``C + i % S`` (round-robin) unless
+a placement says otherwise (``topology.assignment=balanced``: :meth:`Topology.place`, at start and
+when a rebalance re-plans it); server ranks are data-parallel over clients either way.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Topology:
     client_group: object = field(default=None, repr=False)
     server_group: object = field(default=None, repr=False)
     self_group: object = field(default=None, repr=False)  # model-parallel group of 1 for DeepSpeed
+    placement: tuple[int, ...] = ()  # server index (0..S-1) per client; () = round-robin
 
     def __post_init__(self) -> None:
         check_world_size(self.clients, self.servers, self.world_size)
@@ -63,7 +65,21 @@ class Topology:
 
     def server_of(self, client: int) -> int:
         """Global rank of the server rank that serves ``client``."""
-        return self.clients + client % self.servers
+        return self.clients + (self.placement[client] if self.placement else client % self.servers)
+
+    @property
+    def assignment(self) -> list[int]:
+        """Server index (0..S-1) serving each client, in client order."""
+        return [self.server_of(c) - self.clients for c in range(self.clients)]
+
+    def place(self, placement) -> None:
+        """Serve client ``c`` from server index ``placement[c]`` from now on (the same on every rank;
+        the links must then be rebuilt: ``relink`` on the workers)."""
+        placement = tuple(int(s) for s in placement)
+        if len(placement) != self.clients or not all(0 <= s < self.servers for s in placement):
+            raise ValueError(f"placement: one server index in 0..{self.servers - 1} per client "
+                             f"({self.clients}), got {list(placement)}")
+        self.placement = placement
 
     def clients_of(self, server_rank: int) -> list[int]:
         """Client indices served by ``server_rank``, in ascending order."""

@@ -14,7 +14,7 @@ import torch
 from fedsea_hpc.adapt import migrate
 from fedsea_hpc.adapt.emulate import Emulator
 from fedsea_hpc.adapt.memory import SavedBytes
-from fedsea_hpc.components.links import client_link
+from fedsea_hpc.components.links import client_link, relink_client
 from fedsea_hpc.config import CommConfig, PeftConfig, PrivacyConfig, TrainConfig
 from fedsea_hpc.data.dataset import ClientData
 from fedsea_hpc.distributed.topology import Topology
@@ -49,6 +49,7 @@ class ClientWorker:
         self.splits = [tuple(s) for s in splits]
         self._build_part()
         self.link = client_link(topo, comm, privacy, counter, device)
+        self._comm, self._counter = comm, counter
         self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed)
         self.batches = self.data.batches(train.micro_batch_size)
         self.secure_sum = None
@@ -93,6 +94,10 @@ class ClientWorker:
         self.splits = [tuple(s) for s in new_splits]
         self._build_part(moved)
         self._build_sync()
+
+    def relink(self) -> None:
+        """After ``topo.place``: talk to the server rank that serves this client now."""
+        relink_client(self.link, self.topo, self._comm, self._counter, self.device)
 
     @property
     def split(self) -> tuple[int, int]:

@@ -73,7 +73,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         probe_server(worker.links, payload, device)
     bytes_per_row_token = source.config.hidden_size * torch.empty(0, dtype=dtype).element_size()
     costs = None
-    rebalancer = Rebalancer(cfg, source.config.num_hidden_layers)
+    rebalancer = Rebalancer(cfg, source.config.num_hidden_layers, topo.assignment)
     rows = [cfg.train.micro_batch_size] * topo.clients  # samples per step per client: the merge weights
     note: dict = {}  # what the next metrics row reports about a repartition
     t_start = time.perf_counter()
@@ -83,7 +83,12 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             new, rec = rebalancer.decide(step, costs, topo.rank, device)
             if new is not None:
                 t_move = time.perf_counter()
-                worker.repartition(new, rows)
+                if list(new[0]) != rebalancer.splits:
+                    worker.repartition(new[0], rows)
+                if list(new[1]) != topo.assignment:  # a client changes server: only the links move
+                    topo.place(new[1])
+                    worker.relink()
+                    server_rank_of = [topo.server_of(c) for c in range(topo.clients)]
                 dist.barrier()  # migrate_s covers the slowest rank's rebuild (the server's engine)
                 rebalancer.follow(new)
                 if topo.rank == 0:

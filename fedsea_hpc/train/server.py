@@ -46,6 +46,7 @@ class ServerWorker:
         self._build(self.splits)
         self.hidden = source.config.hidden_size
         self.links = server_links(topo, comm, counter, device)
+        self._comm, self._counter = comm, counter
         # What a client may send: at most a micro-batch of rows of at most seq_len tokens.
         self.expect_lengths = Expect(torch.int64, ((1, train.micro_batch_size),))
         self.max_tokens = train.seq_len
@@ -83,6 +84,11 @@ class ServerWorker:
         del self.engine, self.model, self.params
         self.splits = [tuple(s) for s in new_splits]
         self._build(self.splits, moved)
+
+    def relink(self) -> None:
+        """After ``topo.place``: one link per client this server rank serves now. Part B is the
+        same on every server rank, so a client that changes server brings no state with it."""
+        self.links = server_links(self.topo, self._comm, self._counter, self.device)
 
     def _recv_inputs(self, c: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``c``'s lengths [B] and h_A [B, T, H], each checked before it is allocated."""
