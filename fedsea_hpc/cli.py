@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     rk.add_argument("--config")
     rk.add_argument("--for", dest="job", choices=["train", "generate"], default="train",
                     help="the subcommand the ranks are for (generate always needs clients+servers)")
+    rk.add_argument("--with-restarts", action="store_true", help="also print run.max_restarts (after the ranks)")
     rk.add_argument("overrides", nargs="*")
     return ap
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cfg = load_config(args.config, args.overrides)
-            print(cfg.topology.clients + cfg.topology.servers if args.job == "generate" else cfg.world_size())
+            n = cfg.topology.clients + cfg.topology.servers if args.job == "generate" else cfg.world_size()
+            print(f"{n} {cfg.run.max_restarts}" if args.with_restarts else n)
         except ValueError as e:
             say(f"fedsea: error: {e}")
             return EXIT_USAGE
@@ -111,9 +113,11 @@ def _run(job, launch, kind: str, prompts) -> int:
 
         generate_split(job, prompts, device)
     else:
-        from fedsea_hpc.train.loop import train_split
+        from fedsea_hpc.train.loop import PREEMPTED, train_split
 
-        train_split(cfg, job.topo, job.source, job.tokenizer, job.dtype, device)
+        if train_split(cfg, job.topo, job.source, job.tokenizer, job.dtype, device, job.resume) == PREEMPTED:
+            process.stop()
+            return process.EXIT_PREEMPTED
     process.stop()
     return 0
 

@@ -12,7 +12,7 @@ args=("$@")
 if [[ " ${args[*]-} " != *" --config "* ]]; then
   args=(--config "configs/$([ "$job" = train ] && echo default || echo generate).yaml" "${args[@]}")
 fi
-ranks="$(python -m fedsea_hpc ranks --for "$job" "${args[@]}")"
+read -r ranks restarts < <(python -m fedsea_hpc ranks --with-restarts --for "$job" "${args[@]}") || exit 2
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 if [ "$ranks" = 1 ]; then
   exec python -m fedsea_hpc "$job" "${args[@]}"
@@ -20,4 +20,17 @@ fi
 # The MPICH wheel's mpiexec needs no flags; Open MPI as root needs these two.
 mpi_flags=()
 if mpiexec --version 2>/dev/null | grep -qi "open mpi"; then mpi_flags=(--allow-run-as-root --oversubscribe); fi
-exec mpiexec "${mpi_flags[@]}" -n "$ranks" python -m fedsea_hpc "$job" "${args[@]}"
+[ "$job" = train ] || restarts=0
+# run.max_restarts: a failed training job starts again from its last checkpoint. Not after bad
+# input (2) or a stop by signal (75: the checkpoint is saved; run again with run.resume=auto).
+attempt=0
+resume=()
+while true; do
+  rc=0
+  FEDSEA_ATTEMPT=$attempt mpiexec "${mpi_flags[@]}" -n "$ranks" python -m fedsea_hpc "$job" "${args[@]}" \
+    "${resume[@]}" || rc=$?
+  if [ "$rc" = 0 ] || [ "$rc" = 2 ] || [ "$rc" = 75 ] || [ "$attempt" -ge "$restarts" ]; then exit "$rc"; fi
+  attempt=$((attempt + 1))
+  echo "[fedsea] the job failed (exit $rc): restart $attempt of $restarts from the last checkpoint" >&2
+  resume=(run.resume=auto)
+done

@@ -20,14 +20,18 @@ PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients
 
 
 class MetricsLog:
-    def __init__(self, run: RunConfig, train: TrainConfig, *, enabled: bool):
+    def __init__(self, run: RunConfig, train: TrainConfig, *, enabled: bool, rows: list[dict] | None = None):
+        """``rows``: the rows of a resumed run's earlier steps; metrics.jsonl starts with them
+        (a crashed run's rows after its checkpoint are dropped, so no step appears twice)."""
         self.run, self.train, self.enabled = run, train, enabled
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(rows or [])
         if not enabled:
             return
         os.makedirs(run.output_dir, exist_ok=True)
         self.file = open(os.path.join(run.output_dir, "metrics.jsonl"), "w")
-        self.bar = tqdm(total=train.steps, desc=f"train[{train.mode}]", unit="step",
+        self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.file.flush()
+        self.bar = tqdm(total=train.steps, initial=len(self.rows), desc=f"train[{train.mode}]", unit="step",
                         disable=not run.progress, file=sys.stderr, dynamic_ncols=True)
 
     def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor, costs: dict | None = None,
@@ -60,6 +64,12 @@ class MetricsLog:
         if not self.run.progress and (step + 1) % self.run.log_every == 0:
             print(f"step {step + 1}/{self.train.steps} loss {row['loss']:.4f} "
                   f"step_time {row['step_time_s']:.3f}s bytes {row['bytes_sent']}", flush=True)
+
+    def close(self) -> None:
+        """Stop without a summary (a run stopped by a signal: its checkpoint has the rows)."""
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
 
     def finish(self, wall_s: float, extra: dict | None = None) -> dict | None:
         if not self.enabled:

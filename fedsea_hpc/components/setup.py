@@ -22,6 +22,7 @@ class Job:
     source: object  # ModelSource
     tokenizer: object
     dtype: object  # torch.dtype
+    resume: object = None  # components.checkpoint.Resume: the checkpoint this run continues from
 
 
 def load_job_config(config_path: str | None, overrides: list[str], launch: LaunchInfo, job: str) -> Config:
@@ -63,8 +64,21 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
     source.config._attn_implementation = m.attn_implementation
     validate(cfg, num_layers=source.config.num_hidden_layers)
     check_budgets(cfg, source.config, getattr(torch, m.dtype))
-    if topo is not None and cfg.topology.assignment == "balanced":
+    resume = None
+    if job == "train":
+        from fedsea_hpc.components import checkpoint
+
+        if centralized and (cfg.run.save_every or cfg.run.resume != "off"):
+            raise ConfigError("run.save_every / run.resume: checkpoints are written by the split modes only "
+                              "(train.mode parallel or sequential), not centralized")
+        resume = checkpoint.find(cfg.run)
+        if resume is not None:
+            checkpoint.check_resume(resume, cfg, launch.rank)
+    splits = resume.meta["splits"] if resume is not None else cfg.splits()
+    if topo is not None and resume is not None and resume.meta["servers"] == topo.servers:
+        topo.place(resume.meta["placement"])  # where the clients were (topology.assignment may have moved them)
+    elif topo is not None and cfg.topology.assignment == "balanced":
         from fedsea_hpc.adapt.planner import static_placement
 
-        topo.place(static_placement(cfg.splits(), source.config.num_hidden_layers, topo.servers))
-    return Job(cfg, topo, source, tokenizer, getattr(torch, m.dtype))
+        topo.place(static_placement(splits, source.config.num_hidden_layers, topo.servers))
+    return Job(cfg, topo, source, tokenizer, getattr(torch, m.dtype), resume)

@@ -22,6 +22,8 @@ def _sections() -> dict[str, type]:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, bool) and (tp is str or (origin is Literal and "off" in typing.get_args(tp))):
+        value = "on" if value else "off"  # YAML 1.1 reads off/on/no/yes as booleans: `run.resume=off`
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

@@ -37,6 +37,15 @@ class RunConfig:
     seed: int = _f(0, "Seed for model init, LoRA init and data order (not the privacy noise: see privacy.noise_seed).")
     log_every: int = _f(1, "Print a progress line every this many steps (metrics.jsonl gets every step).")
     progress: bool = _f(True, "Show a progress bar on rank 0.")
+    save_every: int = _f(0, "Write a checkpoint under run.output_dir/checkpoints/ every this many steps (0 = off); "
+                            "README, Checkpoints.")
+    keep_checkpoints: int = _f(2, "Keep the last this many complete checkpoints (>= 1); older ones are deleted "
+                                  "once a newer one is complete.")
+    max_restarts: int = _f(0, "launch/local.sh and slurm/*.sbatch: restart a failed training job this many times, "
+                              "each from the last checkpoint (run.resume=auto; run.save_every sets how much is "
+                              "redone). Not on bad input (exit 2) or a stop by signal (exit 75).")
+    resume: str = _f("off", "Continue a run from a checkpoint: off; auto (the latest complete one under "
+                            "run.output_dir/checkpoints, or start fresh); or the path of a checkpoint directory.")
 
 
 @dataclass(kw_only=True)
@@ -178,7 +187,7 @@ class CommConfig:
 @dataclass(kw_only=True)
 class DebugConfig:
     fail_rank: int = _f(-1, "Fault injection for tests: this rank exits abruptly ...")
-    fail_step: int = _f(-1, "... at the start of this step (-1 = never).")
+    fail_step: int = _f(-1, "... at the start of this step (-1 = never; 0-based); only in the first attempt of a launcher that restarts (FEDSEA_ATTEMPT=0).")
     dump_aggregation_steps: int = _f(0, "Under secure aggregation, each client saves its raw and masked integer "
                                         "update and the sum for the first this many aggregations under "
                                         "run.output_dir/secagg/ (audits and tests); 0 = off.")

@@ -111,6 +111,14 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(cfg.comm.startup_timeout_s > 0, f"comm.startup_timeout_s: must be > 0, got {cfg.comm.startup_timeout_s}")
     need(cfg.comm.max_message_mb > 0, f"comm.max_message_mb: must be > 0, got {cfg.comm.max_message_mb}")
     need(cfg.run.log_every >= 1, f"run.log_every: must be >= 1, got {cfg.run.log_every}")
+    need(_is_int(cfg.run.save_every) and cfg.run.save_every >= 0,
+         f"run.save_every: must be an integer >= 0 (0 = no checkpoints), got {cfg.run.save_every}")
+    need(_is_int(cfg.run.keep_checkpoints) and cfg.run.keep_checkpoints >= 1,
+         f"run.keep_checkpoints: must be an integer >= 1, got {cfg.run.keep_checkpoints}")
+    need(_is_int(cfg.run.max_restarts) and cfg.run.max_restarts >= 0,
+         f"run.max_restarts: must be an integer >= 0, got {cfg.run.max_restarts}")
+    need(isinstance(cfg.run.resume, str) and cfg.run.resume != "",
+         f"run.resume: must be off, auto or a checkpoint directory, got {cfg.run.resume!r}")
     g = cfg.generate
     need(g.max_new_tokens >= 1, f"generate.max_new_tokens: must be >= 1, got {g.max_new_tokens}")
     need(g.batch_size >= 1, f"generate.batch_size: must be >= 1, got {g.batch_size}")

@@ -292,20 +292,22 @@ class ClientData:
         """Batches per epoch (the last one may be partial)."""
         return -(-self.num_examples // micro_batch_size)
 
-    def batches(self, micro_batch_size: int) -> Iterator[Batch]:
+    def batches(self, micro_batch_size: int, skip: int = 0) -> Iterator[Batch]:
         """Yield batches forever, epoch by epoch; each epoch visits every example exactly once.
 
         The order is a permutation drawn from ``numpy.random.default_rng([seed, client, epoch])``
         (a private generator, so global RNG state is untouched and runs are reproducible). The last
-        batch of an epoch holds the remainder, so ``B <= micro_batch_size``.
+        batch of an epoch holds the remainder, so ``B <= micro_batch_size``. ``skip``: start after
+        that many batches (a resumed run: the same stream, without building the skipped batches).
         """
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        epoch = 0
+        per_epoch = -(-self.num_examples // micro_batch_size)
+        epoch, first = divmod(skip, per_epoch)
         while True:
             order = np.random.default_rng([self.seed, self.client_index, epoch]).permutation(
                 self.num_examples)
-            for start in range(0, self.num_examples, micro_batch_size):
+            for start in range(first * micro_batch_size, self.num_examples, micro_batch_size):
                 yield collate([self.examples[i] for i in order[start:start + micro_batch_size]],
                               self.pad_id)
-            epoch += 1
+            epoch, first = epoch + 1, 0

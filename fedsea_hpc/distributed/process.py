@@ -112,3 +112,39 @@ def exit_now(rc: int) -> None:
 
         ctypes.CDLL(None).exit(rc)
     os._exit(rc)
+
+
+EXIT_PREEMPTED = 75  # stopped on SIGTERM/SIGUSR1 at a step boundary with a checkpoint saved (EX_TEMPFAIL)
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 (Slurm preemption, ``--signal``, ``scancel``, a user's kill) asks this
+    rank to stop at the next step boundary. The request rides on the step's maxima all-reduce, so
+    one rank that got the signal is enough: every rank then saves the same checkpoint and exits
+    with :data:`EXIT_PREEMPTED`. A second signal before the boundary ends the rank at once."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+
+        self.requested = 0.0
+        self._previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        if self.requested:
+            say(f"fedsea: second {signal.Signals(signum).name}: exiting now")
+            os._exit(128 + signum)
+        self.requested = float(signum)
+        say(f"fedsea: {signal.Signals(signum).name} received: stopping after this step with a checkpoint")
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)

@@ -52,6 +52,7 @@ class ClientWorker:
         self._comm, self._counter = comm, counter
         self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed)
         self.batches = self.data.batches(train.micro_batch_size)
+        self.batches_taken = 0
         self.secure_sum = None
         if secure_aggregation:  # a collective over the client group: every client is here now
             keys = agree_keys(self.index, topo.clients, topo.client_group, device)
@@ -95,6 +96,42 @@ class ClientWorker:
         self._build_part(moved)
         self._build_sync()
 
+    def save_checkpoint(self, directory: str) -> None:
+        """This client's file of a checkpoint (:mod:`fedsea_hpc.components.checkpoint`)."""
+        state = {"client": self.index, "splits": self.splits, "batches_taken": self.batches_taken,
+                 "samples_since_avg": self.samples_since_avg,
+                 "params": {n: p.detach().cpu().clone() for n, p in self.params},
+                 "optimizer": self.opt.state_dict(), "noise_rng": self.link.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        torch.save(state, os.path.join(directory, f"client{self.index}.pt"))
+
+    def load_checkpoint(self, res) -> None:
+        """Continue from ``res`` (a :class:`~fedsea_hpc.components.checkpoint.Resume`): every
+        trainable tensor, AdamW, the data stream's position, the noise and torch RNG streams."""
+        from fedsea_hpc.components.checkpoint import CheckpointError
+
+        path = res.file(f"client{self.index}.pt")
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a damaged file: name it
+            raise CheckpointError(f"run.resume: {path}: unreadable ({type(e).__name__}: {e})") from None
+        names = [n for n, _ in self.params]
+        if sorted(st["params"]) != sorted(names):
+            raise CheckpointError(f"run.resume: {path}: holds other tensors than this client's part "
+                                  f"({len(st['params'])} vs {len(names)}); was the model or peft.* changed?")
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(st["params"][n].to(p.dtype))
+        self.opt.load_state_dict(st["optimizer"])
+        self.batches_taken = st["batches_taken"]
+        self.batches = self.data.batches(self.train_cfg.micro_batch_size, skip=self.batches_taken)
+        self.samples_since_avg = st["samples_since_avg"]
+        self.link.generator.set_state(st["noise_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        if st["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
+
     def relink(self) -> None:
         """After ``topo.place``: talk to the server rank that serves this client now."""
         relink_client(self.link, self.topo, self._comm, self._counter, self.device)
@@ -106,6 +143,7 @@ class ClientWorker:
 
     def next_batch(self):
         batch = next(self.batches).to(self.device)
+        self.batches_taken += 1
         self.samples_since_avg += batch.input_ids.shape[0]
         return batch
 

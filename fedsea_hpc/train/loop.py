@@ -17,11 +17,14 @@ from fedsea_hpc.adapt.emulate import Emulator, emulation_report
 from fedsea_hpc.adapt.memory import static_memory
 from fedsea_hpc.adapt.rebalance import Rebalancer
 from fedsea_hpc.adapt.probe import probe_bytes, probe_client, probe_server
+from fedsea_hpc.components import checkpoint
+from fedsea_hpc.components.checkpoint import Resume
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically, write_json
 from fedsea_hpc.config import Config
 from fedsea_hpc.distributed.env import say, store_barrier
+from fedsea_hpc.distributed.process import StopRequest
 from fedsea_hpc.distributed.topology import Role, Topology
 from fedsea_hpc.model.adapters import PARTITION_FILE, save_adapter
 from fedsea_hpc.train.client import ClientWorker
@@ -29,24 +32,33 @@ from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect
 
 
+PREEMPTED = "preempted"  # train_split's answer when a signal stopped it (the rank exits EXIT_PREEMPTED)
+
+
 def _fault_injection(cfg: Config, rank: int, step: int) -> None:
-    if cfg.debug.fail_rank == rank and cfg.debug.fail_step == step:
+    """debug.fail_rank / fail_step; only in a launcher's first attempt (``FEDSEA_ATTEMPT`` unset
+    or 0), so that a restarted job gets past the fault as after a real one."""
+    if cfg.debug.fail_rank == rank and cfg.debug.fail_step == step and os.environ.get("FEDSEA_ATTEMPT", "0") == "0":
         print(f"[rank {rank}] debug.fail_rank: exiting abruptly at step {step}", flush=True)
         os._exit(3)
 
 
 def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dtype,
-                device: torch.device) -> dict | None:
+                device: torch.device, resume: Resume | None = None) -> dict | None:
     """Run ``cfg.train.steps`` steps on this rank; rank 0 returns the summary.
 
     ``device`` is where this rank computes and what its collectives carry (CPU for gloo, the
-    local GPU for NCCL, which only moves CUDA tensors)."""
+    local GPU for NCCL, which only moves CUDA tensors). ``resume``: the checkpoint to continue
+    from (:mod:`fedsea_hpc.components.checkpoint`): parts, optimizers, data position, RNG streams,
+    partition and metrics rows come from it, and the loop starts at its step."""
     counter = ByteCounter()
+    stop = StopRequest()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, then exit 75
     if topo.rank == 0 and topo.clients == 2 and cfg.federated.avg_every > 0:
         say("fedsea: warning: federated.avg_every: with 2 clients each one learns the other's update from the "
             "sum (sum minus its own), with or without federated.secure_aggregation; with peft.lora_r=0 that "
             "includes embedding gradients, whose rows name the other client's tokens. Use LoRA or >= 3 clients.")
-    common = dict(splits=cfg.splits(), train=cfg.train, peft=cfg.peft, comm=cfg.comm, seed=cfg.run.seed)
+    splits = [tuple(x) for x in resume.meta["splits"]] if resume is not None else cfg.splits()
+    common = dict(splits=splits, train=cfg.train, peft=cfg.peft, comm=cfg.comm, seed=cfg.run.seed)
     if topo.role is Role.CLIENT:
         worker = ClientWorker(topo, source, tokenizer, counter, dtype, device, **common, privacy=cfg.privacy,
                               train_files=cfg.data.train_files, secure_aggregation=cfg.secure_aggregation(),
@@ -56,8 +68,11 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         from fedsea_hpc.train.server import ServerWorker  # DeepSpeed is imported on servers only
 
         worker = ServerWorker(topo, source, counter, dtype, device, **common, deepspeed=cfg.deepspeed,
-                              dump_wire=(cfg.run.output_dir, cfg.debug.dump_wire_steps))
-    log = MetricsLog(cfg.run, cfg.train, enabled=topo.rank == 0)
+                              dump_wire=(cfg.run.output_dir, cfg.debug.dump_wire_steps),
+                              start=checkpoint.consolidated_start(resume, topo.servers, cfg.deepspeed.zero_stage))
+    log = MetricsLog(cfg.run, cfg.train, enabled=topo.rank == 0,
+                     rows=list(resume.rows) if resume is not None else None)
+    saver = checkpoint.Saver(cfg, topo)
     parallel = cfg.train.mode == "parallel"
     avg_every = cfg.federated.avg_every
     fedsgd = parallel and avg_every == 1
@@ -74,10 +89,16 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     bytes_per_row_token = source.config.hidden_size * torch.empty(0, dtype=dtype).element_size()
     costs = None
     rebalancer = Rebalancer(cfg, source.config.num_hidden_layers, topo.assignment)
+    if resume is not None:
+        rebalancer.follow((splits, topo.assignment))
+        rebalancer.records = list(resume.meta["rebalances"])
+    start = resume.step if resume is not None else 0
     rows = [cfg.train.micro_batch_size] * topo.clients  # samples per step per client: the merge weights
     note: dict = {}  # what the next metrics row reports about a repartition
+    if resume is not None:  # last before the loop: the probe above draws from the RNG streams it restores
+        worker.load_checkpoint(resume)
     t_start = time.perf_counter()
-    for step in range(cfg.train.steps):
+    for step in range(start, cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
         if rebalancer.due(step):
             new, rec = rebalancer.decide(step, costs, topo.rank, device)
@@ -142,18 +163,41 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         dist.all_reduce(sums)
         costs = job_costs(sums[3 + len(BYTE_KEYS):].cpu(), topo.clients, server_rank_of, bytes_per_row_token)
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
-        maxima = torch.tensor([step_time] + [times[p] for p in PHASES], dtype=torch.float64, device=device)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        maxima = torch.tensor([step_time] + [times[p] for p in PHASES] + [stop.requested], dtype=torch.float64,
+                              device=device)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # its last slot: did any rank get SIGTERM/SIGUSR1?
+        stopping = bool(maxima[-1] > 0)
+        maxima = maxima[:-1]
         if topo.rank == 0 and (measured := rebalancer.observe(step, float(maxima[0]))):
             note["rebalance_measured"] = measured
         log.step(step, sums[:3 + len(BYTE_KEYS)].cpu(), maxima.cpu(), costs=costs, extra=note)
         note = {}
+        if saver.due(step + 1) or (stopping and step + 1 < cfg.train.steps):
+            t_save = time.perf_counter()
+            path = saver.save(step + 1, worker, _checkpoint_meta(cfg, topo, rebalancer), log.rows)
+            if topo.rank == 0:
+                say(f"checkpoint: {path} ({time.perf_counter() - t_save:.2f} s)")
+            if stopping:
+                log.close()
+                if topo.rank == 0:
+                    say(f"fedsea: stopped on a signal after step {step + 1} of {cfg.train.steps}; "
+                        f"continue with run.resume=auto (or run.resume={path})")
+                stop.restore()
+                dist.barrier()
+                return PREEMPTED
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
     dist.barrier()
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
                       | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish())
+
+
+def _checkpoint_meta(cfg: Config, topo: Topology, rebalancer: Rebalancer) -> dict:
+    """What rank 0 writes into a checkpoint's meta.json besides the step."""
+    return {"clients": topo.clients, "servers": topo.servers, "zero_stage": cfg.deepspeed.zero_stage,
+            "mode": cfg.train.mode, "splits": [list(x) for x in rebalancer.splits], "placement": topo.assignment,
+            "rebalances": rebalancer.records, "config": cfg.to_dict()}
 
 
 def _probe_report(costs: dict | None, nbytes: int) -> dict:

@@ -37,13 +37,14 @@ class ServerWorker:
 
     def __init__(self, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype, device: torch.device, *,
                  splits: list[tuple[int, int]], train: TrainConfig, peft: PeftConfig, deepspeed: DeepSpeedConfig,
-                 comm: CommConfig, seed: int, dump_wire: tuple[str, int] = ("", 0)):
+                 comm: CommConfig, seed: int, dump_wire: tuple[str, int] = ("", 0),
+                 start: migrate.Moved | None = None):
         self.topo, self.dtype, self.device = topo, dtype, device
         self.dump_dir, self.dump_steps = dump_wire
         self.source, self.peft, self.train_cfg, self.ds_cfg, self.seed = source, peft, train, deepspeed, seed
         self.measured_s, self.row_token_blocks = 0.0, 0  # real (non-dummy) work this step, for the cost model
         self.splits = [tuple(s) for s in splits]
-        self._build(self.splits)
+        self._build(self.splits, start)  # start: a consolidated checkpoint's state (another layout)
         self.hidden = source.config.hidden_size
         self.links = server_links(topo, comm, counter, device)
         self._comm, self._counter = comm, counter
@@ -84,6 +85,32 @@ class ServerWorker:
         del self.engine, self.model, self.params
         self.splits = [tuple(s) for s in new_splits]
         self._build(self.splits, moved)
+
+    def save_checkpoint(self, directory: str) -> None:
+        """The server group's files of a checkpoint: DeepSpeed's own (same layout resumes), the
+        consolidated Part B (any layout), this rank's RNG. Collective over the server group."""
+        self.engine.save_checkpoint(os.path.join(directory, "server"), tag="ds", save_latest=False,
+                                    exclude_frozen_parameters=True)
+        full, step = full_state(self.engine, self.params)
+        if self.topo.rank == self.topo.server_ranks[0]:
+            torch.save({"state": full, "step": step, "splits": self.splits}, os.path.join(directory, "server_full.pt"))
+        torch.save({"torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                   os.path.join(directory, f"server_rng{self.topo.server_index}.pt"))
+
+    def load_checkpoint(self, res) -> None:
+        """Same server count and ZeRO stage as the checkpoint: DeepSpeed's ``load_checkpoint``
+        (bitwise). Otherwise the engine was built from ``server_full.pt`` (``start``) already.
+        RNG: this rank's stream where the checkpoint has one for its index."""
+        if res.meta["servers"] == self.topo.servers and res.meta["zero_stage"] == self.ds_cfg.zero_stage:
+            self.engine.load_checkpoint(res.file("server"), tag="ds", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        rng = res.file(f"server_rng{self.topo.server_index}.pt")
+        if os.path.isfile(rng):
+            st = torch.load(rng, map_location="cpu", weights_only=False)
+            torch.set_rng_state(st["torch_rng"])
+            if st["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(st["cuda_rng"], self.device)
 
     def relink(self) -> None:
         """After ``topo.place``: one link per client this server rank serves now. Part B is the

@@ -1,0 +1,234 @@
+"""Checkpoints: written whole or not at all, and found again by ``run.resume``.
+
+Layout under ``run.output_dir/checkpoints/``::
+
+    step-00000010/
+        client0.pt .. client{C-1}.pt  per client: trainable tensors by name, AdamW state dict,
+                                      batches taken, noise generator and torch RNG states,
+                                      the FedAvg sample counter
+        server/ds/                    the server group's DeepSpeed engine (``save_checkpoint``,
+                                      tag ``ds``, frozen base weights left out)
+        server_full.pt                Part B consolidated: every trainable tensor's full fp32
+                                      value and AdamW moments by HF/peft name (any ZeRO stage),
+                                      for a resume on another server count or ZeRO stage
+        server_rng{i}.pt              server rank i's torch RNG state
+        metrics.jsonl                 every metrics row so far
+        meta.json                     step, topology, partition, rebalance records, the config
+        COMPLETE                      written last: step and the byte size of every file
+
+A save fills ``.tmp-step-XXXXXXXX`` (every rank writes its own files there), then, after a
+barrier, rank 0 writes ``COMPLETE`` and renames the directory into place: a ``step-*``
+directory is complete by construction, and an interrupted save leaves only a ``.tmp-*`` that
+the next save replaces. Older complete checkpoints beyond ``run.keep_checkpoints`` are deleted
+only after the new one is in place. The secure-aggregation keys are not saved: they are agreed
+afresh by each launch (masks cancel in the sum, so the sums, and the losses, do not depend on them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+from fedsea_hpc.config import ConfigError
+
+ROOT = "checkpoints"
+MARKER = "COMPLETE"
+META = "meta.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from (the message names the file)."""
+
+
+def root(output_dir: str) -> str:
+    return os.path.join(output_dir, ROOT)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete(output_dir: str) -> list[tuple[int, str]]:
+    """The complete checkpoints under ``output_dir``, oldest first: (step, path)."""
+    base = root(output_dir)
+    if not os.path.isdir(base):
+        return []
+    out = []
+    for name in os.listdir(base):
+        m = _NAME.match(name)
+        if m and os.path.isfile(os.path.join(base, name, MARKER)):
+            out.append((int(m.group(1)), os.path.join(base, name)))
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from, read and checked before the first collective."""
+
+    path: str
+    step: int
+    meta: dict
+    rows: tuple = ()  # metrics rows of steps 1..step
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+def read(path: str) -> Resume:
+    """Check that ``path`` is a complete checkpoint whose files are all there, at their sizes."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"run.resume: {path}: not a directory; give off, auto or a checkpoint directory "
+                              f"(run.output_dir/{ROOT}/step-*)")
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"run.resume: {path}: no {MARKER} marker (an interrupted save?); give a complete "
+                              f"checkpoint or auto")
+    try:
+        with open(marker) as f:
+            mark = json.load(f)
+        with open(os.path.join(path, META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"run.resume: {path}: unreadable {MARKER} or {META} ({e})") from None
+    if meta.get("format") != FORMAT or mark.get("step") != meta.get("step"):
+        raise CheckpointError(f"run.resume: {os.path.join(path, META)}: not a fedsea-hpc checkpoint of format "
+                              f"{FORMAT}")
+    for name, size in mark.get("files", {}).items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f) or os.path.getsize(f) != size:
+            raise CheckpointError(f"run.resume: {f}: missing or truncated (expected {size} bytes)")
+    step = int(meta["step"])
+    return Resume(path, step, meta, tuple(_rows(os.path.join(path, "metrics.jsonl"), step)))
+
+
+def find(run) -> Resume | None:
+    """What ``run.resume`` names: None (off, or auto with nothing to resume) or a checked checkpoint.
+    ``auto`` skips a damaged checkpoint for the previous complete one, with a warning."""
+    from fedsea_hpc.distributed.env import say
+
+    if run.resume == "off":
+        return None
+    if run.resume != "auto":
+        return read(run.resume)
+    for _, path in reversed(complete(run.output_dir)):
+        try:
+            return read(path)
+        except CheckpointError as e:
+            say(f"fedsea: warning: {e}; trying the previous checkpoint")
+    return None
+
+
+def check_resume(res: Resume, cfg, launch_rank: int) -> None:
+    """The resumed run must be able to continue: same clients, steps left to run. Other changed
+    keys are allowed (a new server count or ZeRO stage loads the consolidated Part B) and listed."""
+    from fedsea_hpc.distributed.env import say
+
+    meta = res.meta
+    if meta["clients"] != cfg.topology.clients:
+        raise CheckpointError(f"topology.clients: the checkpoint {res.path} has {meta['clients']} clients, "
+                              f"got {cfg.topology.clients}; resume with the same clients")
+    if res.step >= cfg.train.steps:
+        raise CheckpointError(f"train.steps: the checkpoint {res.path} is at step {res.step}, nothing left to "
+                              f"run with train.steps={cfg.train.steps}; raise train.steps or start fresh "
+                              f"(run.resume=off)")
+    if launch_rank == 0:
+        changed = sorted(k for k, v in _flat(cfg.to_dict()).items()
+                         if not k.startswith(("run.", "debug.")) and k != "train.steps"
+                         and _flat(meta["config"]).get(k, v) != v)
+        if changed:
+            say(f"fedsea: warning: resuming {res.path} with changed keys: {', '.join(changed)}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "extra":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Saver:
+    """One per rank: when to save and the protocol every rank follows (see the module docstring)."""
+
+    def __init__(self, cfg, topo):
+        self.every, self.keep, self.out = cfg.run.save_every, cfg.run.keep_checkpoints, cfg.run.output_dir
+        self.topo = topo
+
+    def due(self, steps_done: int) -> bool:
+        return self.every > 0 and steps_done % self.every == 0
+
+    def save(self, steps_done: int, worker, meta: dict | None, rows: list[dict] | None) -> str:
+        """Every rank: write this rank's part; rank 0 adds ``meta``/``rows`` and publishes."""
+        import torch.distributed as dist
+
+        base = root(self.out)
+        tmp = os.path.join(base, f".tmp-{step_name(steps_done)}")
+        final = os.path.join(base, step_name(steps_done))
+        if self.topo.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted before
+            os.makedirs(tmp)
+        dist.barrier()
+        worker.save_checkpoint(tmp)
+        if self.topo.rank == 0:
+            with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump({"format": FORMAT, "step": steps_done, **meta}, f, indent=1)
+        dist.barrier()  # every rank's files are written (and closed) before the marker
+        if self.topo.rank == 0:
+            files = {}
+            for d, _, names in os.walk(tmp):
+                for n in names:
+                    full = os.path.join(d, n)
+                    files[os.path.relpath(full, tmp)] = os.path.getsize(full)
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump({"step": steps_done, "files": files}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.isdir(final):  # the same step saved before (a resumed run): the new one wins
+                aside = f"{final}.old"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(final, aside)
+                os.rename(tmp, final)
+                shutil.rmtree(aside)
+            else:
+                os.rename(tmp, final)
+            for _, old in complete(self.out)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def consolidated_start(res: Resume | None, servers: int, zero_stage: int):
+    """The server's starting state when the checkpoint was written by another layout (server
+    count or ZeRO stage): the consolidated Part B as a :class:`~fedsea_hpc.adapt.migrate.Moved`
+    (its own copies, nothing merged). None when DeepSpeed's own checkpoint fits (or no resume)."""
+    if res is None or (res.meta["servers"] == servers and res.meta["zero_stage"] == zero_stage):
+        return None
+    import torch
+
+    from fedsea_hpc.adapt.migrate import Moved
+
+    path = res.file("server_full.pt")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"run.resume: {path}: unreadable ({type(e).__name__}: {e})") from None
+    return Moved(old=st["state"], merged={}, changed=set(), step=st["step"])
+
+
+def _rows(path: str, step: int) -> list[dict]:
+    """The metrics rows of the steps before the checkpoint (one per step, in order)."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"run.resume: {path}: unreadable ({e})") from None
+    if [r.get("step") for r in rows] != list(range(1, step + 1)):
+        raise CheckpointError(f"run.resume: {path}: expected one row for each of steps 1..{step}")
+    return rows

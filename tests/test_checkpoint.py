@@ -1,0 +1,234 @@
+"""Checkpoint and resume through the real entry point: a run of N steps, and the same run resumed
+from its own checkpoint at step k in a fresh launch, give the same losses bit for bit.
+
+Each case runs once uninterrupted with ``run.save_every`` (its checkpoints are the resume
+points), then a fresh launch with ``run.resume=<checkpoint>`` into another directory. The cases
+cover ZeRO 0, 2 and 3, LoRA and full fine-tuning, parallel and sequential, ``avg_every`` 1 and
+> 1, activation noise on (a fixed test seed, so that both runs draw the same stream and only a
+restored generator state can make them agree), LoRA dropout (the torch RNG streams) and secure
+aggregation (3 clients: fresh keys per launch, the sums do not depend on them). The pure parts
+(finding, checking and pruning checkpoints) are tested without ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, check_ok, fedsea_command, load_metrics, load_summary, run_fedsea, subprocess_env
+from fedsea_hpc.components import checkpoint
+from fedsea_hpc.config import load_config
+
+N = 8
+NOISE = ["privacy.noise_std=0.05", "privacy.noise_seed=11"]
+CASES = {  # name: (clients, servers, save_every, resume at, overrides)
+    "par-z3-lora-fedsgd-secagg": (3, 2, 4, 4, ["deepspeed.zero_stage=3", "federated.avg_every=1", *NOISE]),
+    "seq-z2-full-avg2": (2, 1, 3, 6, ["train.mode=sequential", "deepspeed.zero_stage=2", "peft.lora_r=0",
+                                      "federated.avg_every=2", "run.keep_checkpoints=1", *NOISE]),
+    "par-z0-lora-avg3-dropout": (2, 2, 5, 5, ["deepspeed.zero_stage=0", "federated.avg_every=3",
+                                              "peft.lora_dropout=0.1", *NOISE]),
+}
+
+
+class Runs:
+    def __init__(self, root: Path):
+        self.root, self.cache = root, {}
+
+    def get(self, name: str, args: list[str], n: int) -> Path:
+        if name not in self.cache:
+            out = self.root / name
+            check_ok(run_fedsea([*args, f"run.output_dir={out}"], n=n, timeout=300))
+            self.cache[name] = out
+        return self.cache[name]
+
+    def pair(self, case: str) -> tuple[Path, Path]:
+        """(the uninterrupted run, the run resumed from its checkpoint)."""
+        clients, servers, every, at, over = CASES[case]
+        base = [f"topology.clients={clients}", f"topology.servers={servers}", f"train.steps={N}", *over]
+        full = self.get(case, [*base, f"run.save_every={every}"], clients + servers)
+        ckpt = full / "checkpoints" / checkpoint.step_name(at)
+        resumed = self.get(f"{case}-resumed", [*base, f"run.resume={ckpt}"], clients + servers)
+        return full, resumed
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_resumed_run_repeats_the_uninterrupted_losses_bitwise(runs, case):
+    full, resumed = runs.pair(case)
+    a, b = load_summary(full), load_summary(resumed)
+    assert len(a["losses"]) == len(b["losses"]) == N
+    assert b["losses"] == a["losses"], [x - y for x, y in zip(b["losses"], a["losses"])]  # exactly, float32
+    rows = load_metrics(resumed)
+    assert [r["step"] for r in rows] == list(range(1, N + 1))  # no duplicates, no gaps
+    at = CASES[case][3]
+    assert rows[:at] == load_metrics(full)[:at]  # the checkpoint's own rows, carried over
+
+
+@pytest.mark.multirank
+def test_checkpoints_are_complete_and_pruned(runs):
+    full, _ = runs.pair("seq-z2-full-avg2")  # save_every=3, keep_checkpoints=1, 8 steps
+    base = full / "checkpoints"
+    assert sorted(os.listdir(base)) == ["step-00000006"]  # step 3 pruned once step 6 was complete
+    ck = base / "step-00000006"
+    mark = json.loads((ck / checkpoint.MARKER).read_text())
+    assert mark["step"] == 6 and "client0.pt" in mark["files"] and "server_full.pt" in mark["files"]
+    assert any(f.startswith("server/ds/") for f in mark["files"])
+    meta = json.loads((ck / checkpoint.META).read_text())
+    assert (meta["clients"], meta["servers"], meta["zero_stage"], meta["mode"]) == (2, 1, 2, "sequential")
+    assert meta["config"]["peft"]["lora_r"] == 0
+    # run.resume=auto picks it; a damaged newest one falls back to the previous complete one.
+    cfg = load_config(None, [f"run.output_dir={full}", "run.resume=auto"])
+    assert checkpoint.find(cfg.run).path == str(ck)
+
+
+@pytest.mark.multirank
+def test_resume_on_fewer_servers_loads_the_consolidated_part_b(runs):
+    """2 → 1 servers (and ZeRO-3 → 2): Part B comes from ``server_full.pt`` (gathered fp32 values
+    and AdamW moments by name); the losses match the unchanged resume within 1e-5."""
+    full, same = runs.pair("par-z3-lora-fedsgd-secagg")
+    clients, _, _, at, over = CASES["par-z3-lora-fedsgd-secagg"]
+    over = [o for o in over if not o.startswith("deepspeed.zero_stage")]
+    ckpt = full / "checkpoints" / checkpoint.step_name(at)
+    one = runs.get("resumed-on-1-server", [f"topology.clients={clients}", "topology.servers=1", f"train.steps={N}",
+                                           "deepspeed.zero_stage=2", *over, f"run.resume={ckpt}"], clients + 1)
+    a, b = load_summary(same)["losses"], load_summary(one)["losses"]
+    assert a[:at] == b[:at]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def _rank_pids(out: Path) -> list[int]:
+    """PIDs of the python ranks whose command line names ``out`` (not the launcher)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"run.output_dir={out}".encode() in argv and argv[1:3] == [b"-m", b"fedsea_hpc"]:
+                pids.append(int(d.name))
+    return sorted(pids)
+
+
+@pytest.mark.multirank
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_auto_resume_finishes_the_run(runs, tmp_path):
+    """SIGTERM to one rank (as Slurm sends on preemption or scancel): every rank saves the same
+    checkpoint after the current step and exits 75; ``run.resume=auto`` in the same directory then
+    finishes with the uninterrupted run's losses. The stopped launch sleeps on an EMULATED 100 ms
+    link so that it is still running when the signal comes (sleeps change no number)."""
+    case = "par-z0-lora-avg3-dropout"
+    full, _ = runs.pair(case)
+    clients, servers, _, _, over = CASES[case]
+    base = [f"topology.clients={clients}", f"topology.servers={servers}", f"train.steps={N}", *over]
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(fedsea_command([*base, "emulate.link_latency_ms=[100,100]", f"run.output_dir={out}"],
+                                           n=clients + servers), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = out / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        pids = _rank_pids(out)
+        assert len(pids) == clients + servers, pids
+        os.kill(pids[-1], signal.SIGTERM)
+        text, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, text[-4000:]
+    assert "stopped on a signal after step" in text
+    ((step, path),) = checkpoint.complete(out)
+    assert 2 <= step < N and not (out / "summary.json").exists()
+    assert [r["step"] for r in load_metrics(out)] == list(range(1, step + 1))
+    check_ok(run_fedsea([*base, f"run.output_dir={out}", "run.resume=auto"], n=clients + servers, timeout=300))
+    assert load_summary(out)["losses"] == load_summary(full)["losses"]
+    assert [r["step"] for r in load_metrics(out)] == list(range(1, N + 1))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("fail_rank", [1, 3, 0], ids=["client", "server", "rank0"])
+def test_local_sh_restarts_a_failed_job_from_its_last_checkpoint(runs, tmp_path, fail_rank):
+    """``run.max_restarts=1``: a rank killed at the start of step 6 (0-based 5) ends the first
+    attempt; launch/local.sh starts the job again with run.resume=auto from the checkpoint at
+    step 4, and it finishes with the uninterrupted run's losses."""
+    case = "par-z0-lora-avg3-dropout"
+    full, _ = runs.pair(case)
+    clients, servers, _, _, over = CASES[case]
+    out = tmp_path / "restarted"
+    args = [f"topology.clients={clients}", f"topology.servers={servers}", f"train.steps={N}", *over,
+            "run.save_every=2", "run.max_restarts=1", f"debug.fail_rank={fail_rank}", "debug.fail_step=5",
+            "run.progress=false", "comm.timeout_s=20", f"run.output_dir={out}"]
+    proc = subprocess.run(["bash", "launch/local.sh", "train", "--config", str(REPO / "tests/data/defaults.yaml"),
+                           *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    check_ok(proc)
+    assert "restart 1 of 1 from the last checkpoint" in proc.stderr
+    assert f"debug.fail_rank: exiting abruptly at step 5" in proc.stdout + proc.stderr
+    assert load_summary(out)["losses"] == load_summary(full)["losses"]
+    assert [r["step"] for r in load_metrics(out)] == list(range(1, N + 1))
+
+
+# ------------------------------------------------------------------ without ranks
+
+
+def _fake(base: Path, step: int, *, marker: bool = True, extra: dict | None = None) -> Path:
+    d = base / "checkpoints" / checkpoint.step_name(step)
+    d.mkdir(parents=True)
+    (d / "client0.pt").write_bytes(b"x" * 10)
+    (d / checkpoint.META).write_text(json.dumps({"format": checkpoint.FORMAT, "step": step}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, step + 1)))
+    files = {"client0.pt": 10, checkpoint.META: (d / checkpoint.META).stat().st_size, **(extra or {})}
+    if marker:
+        (d / checkpoint.MARKER).write_text(json.dumps({"step": step, "files": files}))
+    return d
+
+
+def test_find_takes_the_latest_complete_checkpoint_and_skips_damaged_ones(tmp_path, capfd):
+    run = lambda resume: load_config(None, [f"run.output_dir={tmp_path}", f"run.resume={resume}"]).run  # noqa: E731
+    assert checkpoint.find(run("auto")) is None  # nothing yet: start fresh
+    assert checkpoint.find(run("off")) is None
+    four = _fake(tmp_path, 4)
+    _fake(tmp_path, 8, marker=False)  # an interrupted save: no marker, never picked
+    (tmp_path / "checkpoints" / ".tmp-step-00000012").mkdir()
+    assert checkpoint.find(run("auto")).path == str(four)
+    twelve = _fake(tmp_path, 12, extra={"server_full.pt": 99})  # the marker names a file that is gone
+    assert checkpoint.find(run("auto")).path == str(four)
+    assert "server_full.pt: missing or truncated (expected 99 bytes); trying the previous" in capfd.readouterr().err
+    with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume: .*server_full\.pt: missing or truncated"):
+        checkpoint.find(run(twelve))
+    with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume: .*step-00000008: no COMPLETE marker"):
+        checkpoint.find(run(tmp_path / "checkpoints" / "step-00000008"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume: .*/nope: not a directory; give off, auto"):
+        checkpoint.find(run(tmp_path / "nope"))
+
+
+def test_a_resume_must_have_steps_left_and_the_same_clients(tmp_path):
+    res = checkpoint.Resume(str(tmp_path), 8, {"clients": 2, "config": {}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"train\.steps: .* at step 8, nothing left to run"):
+        checkpoint.check_resume(res, load_config(None, ["train.steps=8"]), 0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"topology\.clients: .* has 2 clients, got 3"):
+        checkpoint.check_resume(res, load_config(None, ["topology.clients=3", "train.steps=20"]), 0)
+    checkpoint.check_resume(res, load_config(None, ["train.steps=20"]), 0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("run.save_every=-1", r"run\.save_every: must be an integer >= 0"),
+    ("run.keep_checkpoints=0", r"run\.keep_checkpoints: must be an integer >= 1"),
+])
+def test_bad_checkpoint_settings_name_the_key(override, message):
+    from fedsea_hpc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
