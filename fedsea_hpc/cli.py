@@ -107,7 +107,7 @@ def _run(job, launch, kind: str, prompts) -> int:
 
         train_centralized(cfg, job.source, job.tokenizer, job.dtype)
         return 0
-    device = process.start(launch, job.topo, cfg.comm.backend, cfg.comm.timeout_s)
+    device = process.start(launch, job.topo, cfg.comm)
     if kind == "generate":
         from fedsea_hpc.generate.run import generate_split
 

@@ -15,8 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 # Every launch gets these: quiet, one thread per rank (2 cores shared by up to 5 ranks), and a
-# short peer timeout so a hang turns into a failure instead of blocking CI.
-COMMON_ARGS = ["run.progress=false", "comm.timeout_s=30"]
+# bound on any wait (comm.max_wait_s) so a hang turns into a failure instead of blocking CI.
+COMMON_ARGS = ["run.progress=false", "comm.timeout_s=30", "comm.max_wait_s=300"]
 T = TypeVar("T")
 
 

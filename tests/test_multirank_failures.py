@@ -31,6 +31,8 @@ BAD_INPUTS = {
     "rebalance_every": (["split.rebalance=every", "split.rebalance_every=0"], 2, "split.rebalance_every"),
     "schedule_too_deep": (["debug.partition_schedule=[[1,3,3]]"], 2, "debug.partition_schedule[0]"),
     "memory_budget": (["split.client_memory_mb=[0.1]"], 2, "split.client_memory_mb"),
+    "resume_missing": (["run.resume=/nonexistent/step-00000004"], 2, "run.resume"),
+    "max_wait": (["comm.max_wait_s=-1"], 2, "comm.max_wait_s"),
 }
 
 

@@ -14,12 +14,13 @@ Layout under ``run.output_dir/checkpoints/``::
         server_rng{i}.pt              server rank i's torch RNG state
         metrics.jsonl                 every metrics row so far
         meta.json                     step, topology, partition, rebalance records, the config
-        COMPLETE                      written last: step and the byte size of every file
+        COMPLETE                      written last: step, byte size and CRC-32 of every file
 
 A save fills ``.tmp-step-XXXXXXXX`` (every rank writes its own files there), then, after a
 barrier, rank 0 writes ``COMPLETE`` and renames the directory into place: a ``step-*``
 directory is complete by construction, and an interrupted save leaves only a ``.tmp-*`` that
-the next save replaces. Older complete checkpoints beyond ``run.keep_checkpoints`` are deleted
+the next launch removes. A save that cannot write (a full disk, a quota) stops the job with one
+line naming the directory; the previous checkpoint is untouched. Older complete checkpoints beyond ``run.keep_checkpoints`` are deleted
 only after the new one is in place. The secure-aggregation keys are not saved: they are agreed
 afresh by each launch (masks cancel in the sum, so the sums, and the losses, do not depend on them).
 """
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 
 from fedsea_hpc.config import ConfigError
@@ -78,8 +80,18 @@ class Resume:
         return os.path.join(self.path, name)
 
 
+def crc32(path: str) -> int:
+    """CRC-32 of a file (zlib, 16 MiB at a time): catches bit rot and torn copies, not tampering."""
+    c = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            c = zlib.crc32(chunk, c)
+    return c
+
+
 def read(path: str) -> Resume:
-    """Check that ``path`` is a complete checkpoint whose files are all there, at their sizes."""
+    """Check that ``path`` is a complete checkpoint whose files are all there, at their sizes
+    and CRC-32s (every rank reads them once; the same answer on every rank picks the same one)."""
     marker = os.path.join(path, MARKER)
     if not os.path.isdir(path):
         raise CheckpointError(f"run.resume: {path}: not a directory; give off, auto or a checkpoint directory "
@@ -97,10 +109,12 @@ def read(path: str) -> Resume:
     if meta.get("format") != FORMAT or mark.get("step") != meta.get("step"):
         raise CheckpointError(f"run.resume: {os.path.join(path, META)}: not a fedsea-hpc checkpoint of format "
                               f"{FORMAT}")
-    for name, size in mark.get("files", {}).items():
+    for name, want in mark.get("files", {}).items():
         f = os.path.join(path, name)
-        if not os.path.isfile(f) or os.path.getsize(f) != size:
-            raise CheckpointError(f"run.resume: {f}: missing or truncated (expected {size} bytes)")
+        if not os.path.isfile(f) or os.path.getsize(f) != want["bytes"]:
+            raise CheckpointError(f"run.resume: {f}: missing or truncated (expected {want['bytes']} bytes)")
+        if crc32(f) != want["crc32"]:
+            raise CheckpointError(f"run.resume: {f}: corrupt (its CRC-32 differs from the one in {MARKER})")
     step = int(meta["step"])
     return Resume(path, step, meta, tuple(_rows(os.path.join(path, "metrics.jsonl"), step)))
 
@@ -153,12 +167,37 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def tidy(out: str) -> None:
+    """Rank 0 at start: clear what a crashed save left. ``.tmp-*`` go; a ``step-N.old`` (set
+    aside while the same step was saved again) goes back into place if ``step-N`` is missing."""
+    base = root(out)
+    if not os.path.isdir(base):
+        return
+    for name in sorted(os.listdir(base)):
+        path = os.path.join(base, name)
+        if name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".old"):
+            if os.path.isdir(path[:-len(".old")]):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, path[:-len(".old")])
+
+
+def first_attempt() -> bool:
+    """True unless a launcher restarted this job (``FEDSEA_ATTEMPT`` > 0): debug faults fire once."""
+    return os.environ.get("FEDSEA_ATTEMPT", "0") == "0"
+
+
 class Saver:
     """One per rank: when to save and the protocol every rank follows (see the module docstring)."""
 
     def __init__(self, cfg, topo):
         self.every, self.keep, self.out = cfg.run.save_every, cfg.run.keep_checkpoints, cfg.run.output_dir
         self.topo = topo
+        self.fail = cfg.debug.fail_save if cfg.debug.fail_rank == topo.rank and first_attempt() else -1
+        if topo.rank == 0:
+            tidy(self.out)
 
     def due(self, steps_done: int) -> bool:
         return self.every > 0 and steps_done % self.every == 0
@@ -174,34 +213,61 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted before
             os.makedirs(tmp)
         dist.barrier()
-        worker.save_checkpoint(tmp)
-        if self.topo.rank == 0:
-            with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            with open(os.path.join(tmp, META), "w") as f:
-                json.dump({"format": FORMAT, "step": steps_done, **meta}, f, indent=1)
+        try:
+            worker.save_checkpoint(tmp)
+            if self.topo.rank == 0:
+                with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                with open(os.path.join(tmp, META), "w") as f:
+                    json.dump({"format": FORMAT, "step": steps_done, **meta}, f, indent=1)
+        except (OSError, RuntimeError) as e:  # a full disk, a quota, a vanished mount: stop, keep the last good one
+            raise CheckpointError(_save_failed(e, tmp, steps_done, self.out)) from None
+        if steps_done == self.fail:
+            print(f"[rank {self.topo.rank}] debug.fail_save: exiting abruptly while saving after step {steps_done}",
+                  flush=True)
+            os._exit(3)
         dist.barrier()  # every rank's files are written (and closed) before the marker
         if self.topo.rank == 0:
-            files = {}
-            for d, _, names in os.walk(tmp):
-                for n in names:
-                    full = os.path.join(d, n)
-                    files[os.path.relpath(full, tmp)] = os.path.getsize(full)
-            with open(os.path.join(tmp, MARKER), "w") as f:
-                json.dump({"step": steps_done, "files": files}, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            if os.path.isdir(final):  # the same step saved before (a resumed run): the new one wins
-                aside = f"{final}.old"
-                shutil.rmtree(aside, ignore_errors=True)
-                os.rename(final, aside)
-                os.rename(tmp, final)
-                shutil.rmtree(aside)
-            else:
-                os.rename(tmp, final)
-            for _, old in complete(self.out)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                self._publish(tmp, final, steps_done)
+            except OSError as e:
+                raise CheckpointError(_save_failed(e, tmp, steps_done, self.out)) from None
         return final
+
+    def _publish(self, tmp: str, final: str, steps_done: int) -> None:
+        """Rank 0: the marker last, then the rename, then pruning."""
+        files = {}
+        for d, _, names in os.walk(tmp):
+            for n in names:
+                full = os.path.join(d, n)
+                files[os.path.relpath(full, tmp)] = {"bytes": os.path.getsize(full), "crc32": crc32(full)}
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"step": steps_done, "files": files}, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):  # the same step saved before (a resumed run): the new one wins
+            aside = f"{final}.old"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+            os.rename(tmp, final)
+            shutil.rmtree(aside)
+        else:
+            os.rename(tmp, final)
+        for _, old in complete(self.out)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_failed(e: BaseException, tmp: str, steps_done: int, out: str) -> str:
+    """One line for a failed save. torch.save reports a full disk as an opaque RuntimeError
+    ('unexpected pos'), so the free space of the filesystem is checked to name the cause."""
+    free = shutil.disk_usage(os.path.dirname(tmp)).free
+    if free < 64 * 2**20:
+        why = f"no space left on the device ({free / 2**20:.1f} MiB free)"
+    else:
+        why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0])
+    prev = complete(out)
+    kept = f"; the previous checkpoint {prev[-1][1]} is intact" if prev else ""
+    return f"checkpoint after step {steps_done}: writing {tmp} failed: {why}{kept}; resume with run.resume=auto"
 
 
 def consolidated_start(res: Resume | None, servers: int, zero_stage: int):

@@ -16,8 +16,13 @@ from fedsea_hpc.privacy.noise import PrivateSender
 from fedsea_hpc.transport.p2p import ByteCounter, Channel
 
 
+def wait_limit_s(comm: CommConfig) -> float:
+    """The bound on one wait: ``comm.max_wait_s``, or 30 days for 0 (a dead peer is found by the heartbeat)."""
+    return comm.max_wait_s or 30 * 86400.0
+
+
 def channel(peer: int, comm: CommConfig, counter: ByteCounter, device: torch.device) -> Channel:
-    return Channel(peer, counter=counter, max_bytes=int(comm.max_message_mb * 2**20), timeout_s=comm.timeout_s,
+    return Channel(peer, counter=counter, max_bytes=int(comm.max_message_mb * 2**20), timeout_s=wait_limit_s(comm),
                    device=device)
 
 

@@ -178,7 +178,11 @@ class DeepSpeedConfig:
 @dataclass(kw_only=True)
 class CommConfig:
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend; auto = nccl with GPUs, else gloo.")
-    timeout_s: float = _f(60.0, "A rank waiting longer than this on a peer gives up and the job exits non-zero.")
+    timeout_s: float = _f(60.0, "Time to detect a dead peer: a rank whose heartbeat (through the rendezvous store) "
+                                "has stopped this long is declared lost and the job exits non-zero. A long wait on "
+                                "a live peer is not an error (README, Fault tolerance).")
+    max_wait_s: float = _f(0.0, "Longest single wait on a live peer (a receive, a collective) before the job gives "
+                                "up; 0 = no limit. The net for a peer that is alive but never sends.")
     max_message_mb: float = _f(1024.0, "Largest payload a receiver accepts before allocating.")
     startup_timeout_s: float = _f(900.0, "How long ranks wait for each other to load their parts and set up "
                                          "DeepSpeed before the first step (big checkpoints load slowly).")
@@ -187,7 +191,14 @@ class CommConfig:
 @dataclass(kw_only=True)
 class DebugConfig:
     fail_rank: int = _f(-1, "Fault injection for tests: this rank exits abruptly ...")
-    fail_step: int = _f(-1, "... at the start of this step (-1 = never; 0-based); only in the first attempt of a launcher that restarts (FEDSEA_ATTEMPT=0).")
+    fail_step: int = _f(-1, "... at the start of this step (-1 = never; 0-based); only in the first attempt of a "
+                            "launcher that restarts (FEDSEA_ATTEMPT=0).")
+    fail_save: int = _f(-1, "... or while writing the checkpoint after this many steps: after its own files, before "
+                            "the COMPLETE marker (-1 = never; first attempt only).")
+    stall_rank: int = _f(-1, "Slow-peer emulation for tests: this rank sleeps debug.stall_s seconds (alive, its "
+                             "heartbeat beating) ...")
+    stall_step: int = _f(-1, "... at the start of this step (-1 = never; 0-based).")
+    stall_s: float = _f(0.0, "... for this many seconds (EMULATED slowness: no compute happens).")
     dump_aggregation_steps: int = _f(0, "Under secure aggregation, each client saves its raw and masked integer "
                                         "update and the sum for the first this many aggregations under "
                                         "run.output_dir/secagg/ (audits and tests); 0 = off.")

@@ -108,6 +108,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
          f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not one of 0, 1, 2, 3")
     need(cfg.comm.timeout_s > 0, f"comm.timeout_s: must be > 0, got {cfg.comm.timeout_s}")
+    need(cfg.comm.max_wait_s >= 0, f"comm.max_wait_s: must be >= 0 (0 = no limit), got {cfg.comm.max_wait_s}")
     need(cfg.comm.startup_timeout_s > 0, f"comm.startup_timeout_s: must be > 0, got {cfg.comm.startup_timeout_s}")
     need(cfg.comm.max_message_mb > 0, f"comm.max_message_mb: must be > 0, got {cfg.comm.max_message_mb}")
     need(cfg.run.log_every >= 1, f"run.log_every: must be >= 1, got {cfg.run.log_every}")

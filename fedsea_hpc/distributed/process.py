@@ -40,15 +40,21 @@ def threads_for(launch: LaunchInfo, topo: Topology | None) -> int:
     return max(1, cores // max(local, 1))
 
 
-def start(launch: LaunchInfo, topo: Topology, backend: str, timeout_s: float):
-    """Start torch.distributed and every process group; return this rank's compute device.
+def start(launch: LaunchInfo, topo: Topology, comm):
+    """Start torch.distributed, every process group and the heartbeat; return the compute device.
 
-    ``backend`` is ``comm.backend``: 'auto' picks NCCL when a GPU is visible, else gloo. Under
-    NCCL a rank computes on local GPU ``local_rank % device_count``; under gloo on the CPU.
+    ``comm.backend`` 'auto' picks NCCL when a GPU is visible, else gloo. Under NCCL a rank
+    computes on local GPU ``local_rank % device_count``; under gloo on the CPU. Collectives wait
+    up to ``comm.max_wait_s`` (no limit for 0); a dead peer is found by
+    :mod:`fedsea_hpc.distributed.liveness` within ``comm.timeout_s``.
     """
     import torch
     import torch.distributed as dist
 
+    from fedsea_hpc.components.links import wait_limit_s
+    from fedsea_hpc.distributed import liveness
+
+    backend = comm.backend
     setup_torch_env(launch)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -57,7 +63,8 @@ def start(launch: LaunchInfo, topo: Topology, backend: str, timeout_s: float):
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, timeout=timedelta(seconds=wait_limit_s(comm)))
+    liveness.start(launch.rank, launch.world_size, comm.timeout_s)
     topo.create_groups()
     return device
 
@@ -65,6 +72,9 @@ def start(launch: LaunchInfo, topo: Topology, backend: str, timeout_s: float):
 def stop() -> None:
     import torch.distributed as dist
 
+    from fedsea_hpc.distributed import liveness
+
+    liveness.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,8 +1,9 @@
 """The training loop of the split modes (``parallel``, ``sequential``): one role per rank.
 
 Per step every rank adds its numbers to two small world all-reduces (sums and maxima), so rank
-0 can log job-wide loss, tokens, bytes and phase times, and so a dead rank is noticed by all
-within ``comm.timeout_s``.
+0 can log job-wide loss, tokens, bytes and phase times, and so a stop request (SIGTERM) reaches
+every rank at the same step boundary. A dead rank is found by the heartbeat
+(:mod:`fedsea_hpc.distributed.liveness`) within ``comm.timeout_s``.
 """
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ PREEMPTED = "preempted"  # train_split's answer when a signal stopped it (the ra
 
 
 def _fault_injection(cfg: Config, rank: int, step: int) -> None:
-    """debug.fail_rank / fail_step; only in a launcher's first attempt (``FEDSEA_ATTEMPT`` unset
-    or 0), so that a restarted job gets past the fault as after a real one."""
-    if cfg.debug.fail_rank == rank and cfg.debug.fail_step == step and os.environ.get("FEDSEA_ATTEMPT", "0") == "0":
+    """debug.fail_rank / fail_step (only in a launcher's first attempt, ``FEDSEA_ATTEMPT`` unset
+    or 0, so that a restarted job gets past the fault as after a real one) and debug.stall_*."""
+    if cfg.debug.fail_rank == rank and cfg.debug.fail_step == step and checkpoint.first_attempt():
         print(f"[rank {rank}] debug.fail_rank: exiting abruptly at step {step}", flush=True)
         os._exit(3)
+    if cfg.debug.stall_rank == rank and cfg.debug.stall_step == step:
+        say(f"[rank {rank}] debug.stall_rank: sleeping {cfg.debug.stall_s:g} s at step {step} (EMULATED slow peer)")
+        time.sleep(cfg.debug.stall_s)
 
 
 def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dtype,

@@ -1,5 +1,8 @@
-"""Checkpoint and resume through the real entry point: a run of N steps, and the same run resumed
-from its own checkpoint at step k in a fresh launch, give the same losses bit for bit.
+"""Reliability through the real entry point: checkpoint and resume, restarts, signals, a full
+disk, and slow versus dead peers (the README's fault matrix points here, row by row).
+
+Checkpoint and resume: a run of N steps, and the same run resumed from its own checkpoint at
+step k in a fresh launch, give the same losses bit for bit.
 
 Each case runs once uninterrupted with ``run.save_every`` (its checkpoints are the resume
 points), then a fresh launch with ``run.resume=<checkpoint>`` into another directory. The cases
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -23,6 +27,7 @@ import pytest
 from conftest import REPO, check_ok, fedsea_command, load_metrics, load_summary, run_fedsea, subprocess_env
 from fedsea_hpc.components import checkpoint
 from fedsea_hpc.config import load_config
+from fedsea_hpc.distributed import liveness
 
 N = 8
 NOISE = ["privacy.noise_std=0.05", "privacy.noise_seed=11"]
@@ -159,25 +164,109 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_auto_resume_fini
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("fail_rank", [1, 3, 0], ids=["client", "server", "rank0"])
-def test_local_sh_restarts_a_failed_job_from_its_last_checkpoint(runs, tmp_path, fail_rank):
-    """``run.max_restarts=1``: a rank killed at the start of step 6 (0-based 5) ends the first
-    attempt; launch/local.sh starts the job again with run.resume=auto from the checkpoint at
-    step 4, and it finishes with the uninterrupted run's losses."""
+@pytest.mark.parametrize("fail_rank,fault", [(1, "fail_step=5"), (3, "fail_step=5"), (0, "fail_step=5"),
+                                             (3, "fail_save=6")],
+                         ids=["client", "server", "rank0", "server-during-save"])
+def test_local_sh_restarts_a_failed_job_from_its_last_checkpoint(runs, tmp_path, fail_rank, fault):
+    """``run.max_restarts=1``: a rank killed at the start of step 6 (0-based 5), or in the middle
+    of writing the checkpoint after step 6 (its files written, no COMPLETE marker yet), ends the
+    first attempt; launch/local.sh starts the job again with run.resume=auto from the checkpoint
+    at step 4, and it finishes with the uninterrupted run's losses. The half-written save is gone."""
     case = "par-z0-lora-avg3-dropout"
     full, _ = runs.pair(case)
     clients, servers, _, _, over = CASES[case]
     out = tmp_path / "restarted"
     args = [f"topology.clients={clients}", f"topology.servers={servers}", f"train.steps={N}", *over,
-            "run.save_every=2", "run.max_restarts=1", f"debug.fail_rank={fail_rank}", "debug.fail_step=5",
+            "run.save_every=2", "run.max_restarts=1", f"debug.fail_rank={fail_rank}", f"debug.{fault}",
             "run.progress=false", "comm.timeout_s=20", f"run.output_dir={out}"]
     proc = subprocess.run(["bash", "launch/local.sh", "train", "--config", str(REPO / "tests/data/defaults.yaml"),
                            *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     check_ok(proc)
     assert "restart 1 of 1 from the last checkpoint" in proc.stderr
-    assert f"debug.fail_rank: exiting abruptly at step 5" in proc.stdout + proc.stderr
+    said = "exiting abruptly at step 5" if fault.startswith("fail_step") else "exiting abruptly while saving after step 6"
+    assert said in proc.stdout + proc.stderr
     assert load_summary(out)["losses"] == load_summary(full)["losses"]
     assert [r["step"] for r in load_metrics(out)] == list(range(1, N + 1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [checkpoint.step_name(6), checkpoint.step_name(8)]
+
+
+@pytest.mark.multirank
+def test_a_full_disk_stops_the_save_with_one_line_and_keeps_the_previous_checkpoint(runs, tmp_path):
+    """checkpoints/ on a real tmpfs (root mounts it) with room for one checkpoint and a half: the
+    save after step 4 runs out of space. The job ends with one line naming the directory and the
+    cause, step-2 stays complete, and once there is room run.resume=auto finishes the run."""
+    case = "par-z0-lora-avg3-dropout"
+    full, _ = runs.pair(case)
+    size = sum(f.stat().st_size for f in (full / "checkpoints" / checkpoint.step_name(5)).rglob("*") if f.is_file())
+    clients, servers, _, _, over = CASES[case]
+    out = tmp_path / "full"
+    mnt = out / "checkpoints"
+    mnt.mkdir(parents=True)
+    args = [f"topology.clients={clients}", f"topology.servers={servers}", f"train.steps={N}", *over,
+            "run.save_every=2", "run.keep_checkpoints=1", f"run.output_dir={out}"]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(mnt)], check=True)
+    try:
+        proc = run_fedsea(args, n=clients + servers)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        text = proc.stdout + proc.stderr
+        assert "checkpoint after step 4: writing" in text and "no space left on the device" in text, text[-3000:]
+        assert f"the previous checkpoint {mnt / checkpoint.step_name(2)} is intact" in text
+        assert [s for s, _ in checkpoint.complete(out)] == [2]
+        subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(mnt)], check=True)
+        check_ok(run_fedsea([*args, "run.resume=auto"], n=clients + servers))
+        assert load_summary(out)["losses"] == load_summary(full)["losses"]
+        assert not [p for p in mnt.iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.multirank
+def test_a_peer_slower_than_the_timeout_but_alive_is_waited_for(runs):
+    """comm.timeout_s=3 and a client that sleeps 10 s (EMULATED slow peer: a long generation
+    round, a late turn): before heartbeats every waiting rank gave up after 3 s; now the run
+    finishes with the uninterrupted run's losses."""
+    case = "par-z0-lora-avg3-dropout"
+    full, _ = runs.pair(case)
+    clients, servers, _, _, over = CASES[case]
+    out = runs.root / "slow"
+    proc = run_fedsea([f"topology.clients={clients}", f"topology.servers={servers}", f"train.steps={N}", *over,
+                       "comm.timeout_s=3", "debug.stall_rank=1", "debug.stall_step=2", "debug.stall_s=10",
+                       f"run.output_dir={out}"], n=clients + servers)
+    check_ok(proc)
+    assert "sleeping 10 s at step 2 (EMULATED slow peer)" in proc.stdout + proc.stderr
+    assert load_summary(out)["losses"] == load_summary(full)["losses"]
+    assert max(r["step_time_s"] for r in load_metrics(out)) > 3
+
+
+@pytest.mark.multirank
+def test_a_frozen_peer_is_declared_lost_by_its_heartbeat(tmp_path):
+    """SIGSTOP to a server rank: its sockets stay open, so only the heartbeat can tell. The
+    others declare it lost after comm.timeout_s=4 and the job ends (bounded generously here: a
+    hang is the failure, not a slow detection)."""
+    out = tmp_path / "frozen"
+    proc = subprocess.Popen(fedsea_command(["topology.clients=2", "topology.servers=2", "train.steps=100000",
+                                            "comm.timeout_s=4", f"run.output_dir={out}"], n=4),
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = out / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        pids = _rank_pids(out)
+        assert len(pids) == 4, pids
+        os.kill(pids[-1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        text, _ = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert re.search(r"fatal: lost rank \d \(no heartbeat for \d+ s\); comm.timeout_s=4", text), text[-3000:]
+    assert 4 - liveness.beat_interval(4) - 0.5 < waited < 40, waited  # quiet since its last beat before the stop
+    assert not _rank_pids(out)
 
 
 # ------------------------------------------------------------------ without ranks
@@ -189,7 +278,8 @@ def _fake(base: Path, step: int, *, marker: bool = True, extra: dict | None = No
     (d / "client0.pt").write_bytes(b"x" * 10)
     (d / checkpoint.META).write_text(json.dumps({"format": checkpoint.FORMAT, "step": step}))
     (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, step + 1)))
-    files = {"client0.pt": 10, checkpoint.META: (d / checkpoint.META).stat().st_size, **(extra or {})}
+    files = {n: {"bytes": (d / n).stat().st_size, "crc32": checkpoint.crc32(d / n)} for n in ("client0.pt", checkpoint.META)}
+    files.update({n: {"bytes": b, "crc32": 0} for n, b in (extra or {}).items()})
     if marker:
         (d / checkpoint.MARKER).write_text(json.dumps({"step": step, "files": files}))
     return d
@@ -208,10 +298,38 @@ def test_find_takes_the_latest_complete_checkpoint_and_skips_damaged_ones(tmp_pa
     assert "server_full.pt: missing or truncated (expected 99 bytes); trying the previous" in capfd.readouterr().err
     with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume: .*server_full\.pt: missing or truncated"):
         checkpoint.find(run(twelve))
+    sixteen = _fake(tmp_path, 16)
+    (sixteen / "client0.pt").write_bytes(b"y" * 10)  # same size, other bytes: bit rot
+    assert checkpoint.find(run("auto")).path == str(four)
+    assert "client0.pt: corrupt (its CRC-32 differs from the one in COMPLETE); trying the previous" in capfd.readouterr().err
     with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume: .*step-00000008: no COMPLETE marker"):
         checkpoint.find(run(tmp_path / "checkpoints" / "step-00000008"))
     with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume: .*/nope: not a directory; give off, auto"):
         checkpoint.find(run(tmp_path / "nope"))
+
+
+def test_tidy_clears_a_crashed_save_and_puts_a_set_aside_checkpoint_back(tmp_path):
+    four, six = _fake(tmp_path, 4), _fake(tmp_path, 6)
+    base = tmp_path / "checkpoints"
+    (base / ".tmp-step-00000008").mkdir()  # a save that never got its marker
+    os.rename(six, base / "step-00000006.old")  # a crash between the two renames of a re-save
+    (base / "step-00000004.old").mkdir()  # ... and one after both renames
+    checkpoint.tidy(str(tmp_path))
+    assert sorted(p.name for p in base.iterdir()) == ["step-00000004", "step-00000006"]
+    assert [s for s, _ in checkpoint.complete(tmp_path)] == [4, 6] and four.is_dir()
+
+
+def test_the_watch_names_a_peer_whose_counter_stopped_and_only_that_one():
+    w = liveness.Watch([1, 2, 3], timeout_s=5.0, now=100.0)
+    for t in range(101, 110):
+        w.see(1, t, float(t))  # beating
+        w.see(2, 7, float(t))  # stuck at 7 since t=101
+    assert w.lost(104.0) == []  # 3 never seen: quiet since 100, not yet for 5 s
+    assert w.lost(105.5) == [(3, 5.5)]
+    assert w.lost(106.5) == [(2, 5.5), (3, 6.5)]
+    w.forget(3)  # marked done: an early finisher is not dead
+    assert [p for p, _ in w.lost(200.0)] == [1, 2]
+    assert liveness.beat_interval(60) == 1.0 and liveness.beat_interval(2) == 0.4
 
 
 def test_a_resume_must_have_steps_left_and_the_same_clients(tmp_path):
