@@ -27,6 +27,7 @@ import pytest
 from conftest import REPO, check_ok, fedsea_command, load_metrics, load_summary, run_fedsea, subprocess_env
 from fedsea_hpc.components import checkpoint
 from fedsea_hpc.config import load_config
+from fedsea_hpc.config.validate import shipped_data_files
 from fedsea_hpc.distributed import liveness
 
 N = 8
@@ -77,6 +78,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses_bitwise(runs, case):
     assert [r["step"] for r in rows] == list(range(1, N + 1))  # no duplicates, no gaps
     at = CASES[case][3]
     assert rows[:at] == load_metrics(full)[:at]  # the checkpoint's own rows, carried over
+    assert b["checkpoints"]["resumed_at_step"] == at and b["checkpoints"]["load_s"] > 0
 
 
 @pytest.mark.multirank
@@ -88,6 +90,9 @@ def test_checkpoints_are_complete_and_pruned(runs):
     mark = json.loads((ck / checkpoint.MARKER).read_text())
     assert mark["step"] == 6 and "client0.pt" in mark["files"] and "server_full.pt" in mark["files"]
     assert any(f.startswith("server/ds/") for f in mark["files"])
+    saved = load_summary(full)["checkpoints"]["saved"]
+    assert [s["step"] for s in saved] == [3, 6] and saved[1]["bytes"] == checkpoint.size_bytes(ck)
+    assert all(s["save_s"] > 0 for s in saved)
     meta = json.loads((ck / checkpoint.META).read_text())
     assert (meta["clients"], meta["servers"], meta["zero_stage"], meta["mode"]) == (2, 1, 2, "sequential")
     assert meta["config"]["peft"]["lora_r"] == 0
@@ -109,6 +114,31 @@ def test_resume_on_fewer_servers_loads_the_consolidated_part_b(runs):
     a, b = load_summary(same)["losses"], load_summary(one)["losses"]
     assert a[:at] == b[:at]
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+@pytest.mark.multirank
+def test_a_silo_that_left_is_dropped_and_the_others_continue_where_they_were(runs):
+    """3 clients saved at step 4, resumed with run.resume_clients=[0,2] (client 1's silo left): the
+    two that stay bring their parts, optimizer state, data shard and position, so each one's loss
+    at step 5 (before any update of the smaller job) is the one it had in the 3-client run."""
+    case = "par-z3-lora-fedsgd-secagg"
+    full, _ = runs.pair(case)
+    _, servers, _, at, over = CASES[case]
+    out = runs.root / "left"
+    files = shipped_data_files()[:3]  # what the 3-client run read (one file per client)
+    proc = run_fedsea(["topology.clients=2", f"topology.servers={servers}", f"train.steps={N}", *over,
+                       f"run.resume={full / 'checkpoints' / checkpoint.step_name(at)}", "run.resume_clients=[0,2]",
+                       f"data.train_files=[{files[0]},{files[2]}]",  # each silo that stays brings its own file
+                       f"run.output_dir={out}"], n=2 + servers)
+    check_ok(proc)
+    assert "client(s) [1] left: their client-side state is dropped" in proc.stderr
+    rows, ref = load_metrics(out), load_metrics(full)
+    assert [r["step"] for r in rows] == list(range(1, N + 1)) and rows[:at] == ref[:at]
+    first = rows[at]["client_loss"]
+    assert len(first) == 2
+    assert abs(first[0] - ref[at]["client_loss"][0]) < 1e-6 and abs(first[1] - ref[at]["client_loss"][2]) < 1e-6
+    assert rows[at]["tokens"] < ref[at]["tokens"]  # two silos' tokens, not three
+    assert load_summary(out)["checkpoints"]["resumed_at_step"] == at
 
 
 def _rank_pids(out: Path) -> list[int]:
@@ -332,18 +362,30 @@ def test_the_watch_names_a_peer_whose_counter_stopped_and_only_that_one():
     assert liveness.beat_interval(60) == 1.0 and liveness.beat_interval(2) == 0.4
 
 
-def test_a_resume_must_have_steps_left_and_the_same_clients(tmp_path):
-    res = checkpoint.Resume(str(tmp_path), 8, {"clients": 2, "config": {}})
+def test_a_resume_must_have_steps_left_and_name_the_clients_that_continue(tmp_path, capfd):
+    res = checkpoint.Resume(str(tmp_path), 8, {"clients": 3, "config": {}, "splits": [[1, 1], [2, 1], [1, 3]],
+                                               "silos": [0, 1, 2]})
+    cfg = lambda *o: load_config(None, ["train.steps=20", "topology.servers=1", "run.resume=auto", *o])  # noqa: E731
     with pytest.raises(checkpoint.CheckpointError, match=r"train\.steps: .* at step 8, nothing left to run"):
-        checkpoint.check_resume(res, load_config(None, ["train.steps=8"]), 0)
-    with pytest.raises(checkpoint.CheckpointError, match=r"topology\.clients: .* has 2 clients, got 3"):
-        checkpoint.check_resume(res, load_config(None, ["topology.clients=3", "train.steps=20"]), 0)
-    checkpoint.check_resume(res, load_config(None, ["train.steps=20"]), 0)
+        checkpoint.check_resume(res, load_config(None, ["train.steps=8", "topology.clients=3"]), 0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume_clients: .* has 3 clients and "
+                                                         r"topology\.clients=2; list which"):
+        checkpoint.check_resume(res, cfg("topology.clients=2"), 0)
+    for bad in ("[0]", "[0,0]", "[0,3]", "[0,true]"):
+        with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume_clients: must list 2 distinct"):
+            checkpoint.check_resume(res, cfg("topology.clients=2", f"run.resume_clients={bad}"), 0)
+    same = checkpoint.check_resume(res, cfg("topology.clients=3"), 0)
+    assert same.sources == (0, 1, 2) and same.same_clients
+    two = checkpoint.check_resume(res, cfg("topology.clients=2", "run.resume_clients=[2,0]"), 0)
+    assert two.sources == (2, 0) and not two.same_clients
+    assert two.splits == [(1, 3), (1, 1)] and two.silos == [2, 0] and two.shards == 3
+    assert "clients [2, 0] of its 3; client(s) [1] left: their client-side state is dropped" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("override,message", [
     ("run.save_every=-1", r"run\.save_every: must be an integer >= 0"),
     ("run.keep_checkpoints=0", r"run\.keep_checkpoints: must be an integer >= 1"),
+    ("run.resume_clients=[0]", r"run\.resume_clients: only with run\.resume"),
 ])
 def test_bad_checkpoint_settings_name_the_key(override, message):
     from fedsea_hpc.config import ConfigError

@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedsea_hpc.config import ConfigError
 
@@ -75,9 +75,30 @@ class Resume:
     step: int
     meta: dict
     rows: tuple = ()  # metrics rows of steps 1..step
+    sources: tuple = ()  # per client of this run: its client index in the checkpoint (run.resume_clients)
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    @property
+    def splits(self) -> list[tuple[int, int]]:
+        """(p, q) of every client of this run, as the checkpoint has them."""
+        return [tuple(self.meta["splits"][s]) for s in self.sources]
+
+    @property
+    def silos(self) -> list[int]:
+        """The data silo of every client of this run (its shard of a single file, its shuffle)."""
+        silos = self.meta.get("silos", list(range(self.meta["clients"])))
+        return [silos[s] for s in self.sources]
+
+    @property
+    def shards(self) -> int:
+        """How many shards a single data.train_files file was cut into: the first run's clients."""
+        return self.meta.get("shards", self.meta["clients"])
+
+    @property
+    def same_clients(self) -> bool:
+        return list(self.sources) == list(range(self.meta["clients"]))
 
 
 def crc32(path: str) -> int:
@@ -136,15 +157,24 @@ def find(run) -> Resume | None:
     return None
 
 
-def check_resume(res: Resume, cfg, launch_rank: int) -> None:
-    """The resumed run must be able to continue: same clients, steps left to run. Other changed
-    keys are allowed (a new server count or ZeRO stage loads the consolidated Part B) and listed."""
+def check_resume(res: Resume, cfg, launch_rank: int) -> Resume:
+    """The resumed run must be able to continue: its clients among the checkpoint's, steps left to
+    run. Returns ``res`` with ``sources`` set. Other changed keys are allowed (a new server count
+    or ZeRO stage loads the consolidated Part B) and listed."""
     from fedsea_hpc.distributed.env import say
 
     meta = res.meta
-    if meta["clients"] != cfg.topology.clients:
-        raise CheckpointError(f"topology.clients: the checkpoint {res.path} has {meta['clients']} clients, "
-                              f"got {cfg.topology.clients}; resume with the same clients")
+    n, want = meta["clients"], cfg.topology.clients
+    sources = list(cfg.run.resume_clients) or list(range(want))
+    if not cfg.run.resume_clients and n != want:
+        raise CheckpointError(f"run.resume_clients: the checkpoint {res.path} has {n} clients and "
+                              f"topology.clients={want}; list which of its clients continue (e.g. "
+                              f"run.resume_clients=[{','.join(map(str, range(want)))}])")
+    if (len(sources) != want or len(set(sources)) != want
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < n for s in sources)):
+        raise CheckpointError(f"run.resume_clients: must list {want} distinct client indices of the checkpoint "
+                              f"(0..{n - 1}, one per client of this run, topology.clients={want}), got "
+                              f"{cfg.run.resume_clients}")
     if res.step >= cfg.train.steps:
         raise CheckpointError(f"train.steps: the checkpoint {res.path} is at step {res.step}, nothing left to "
                               f"run with train.steps={cfg.train.steps}; raise train.steps or start fresh "
@@ -155,6 +185,11 @@ def check_resume(res: Resume, cfg, launch_rank: int) -> None:
                          and _flat(meta["config"]).get(k, v) != v)
         if changed:
             say(f"fedsea: warning: resuming {res.path} with changed keys: {', '.join(changed)}")
+        if sources != list(range(n)):
+            left = sorted(set(range(n)) - set(sources))
+            say(f"fedsea: resuming {res.path} with clients {sources} of its {n}"
+                + (f"; client(s) {left} left: their client-side state is dropped" if left else ""))
+    return replace(res, sources=tuple(sources))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -165,6 +200,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def size_bytes(path: str) -> int:
+    """Bytes of every file under a checkpoint directory."""
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
 
 
 def tidy(out: str) -> None:
@@ -272,9 +312,10 @@ def _save_failed(e: BaseException, tmp: str, steps_done: int, out: str) -> str:
 
 def consolidated_start(res: Resume | None, servers: int, zero_stage: int):
     """The server's starting state when the checkpoint was written by another layout (server
-    count or ZeRO stage): the consolidated Part B as a :class:`~fedsea_hpc.adapt.migrate.Moved`
+    count, ZeRO stage, or other clients, whose union of server spans may differ): the consolidated Part B as a :class:`~fedsea_hpc.adapt.migrate.Moved`
     (its own copies, nothing merged). None when DeepSpeed's own checkpoint fits (or no resume)."""
-    if res is None or (res.meta["servers"] == servers and res.meta["zero_stage"] == zero_stage):
+    if res is None or (res.meta["servers"] == servers and res.meta["zero_stage"] == zero_stage
+                       and res.same_clients):
         return None
     import torch
 

@@ -73,9 +73,9 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
                               "(train.mode parallel or sequential), not centralized")
         resume = checkpoint.find(cfg.run)
         if resume is not None:
-            checkpoint.check_resume(resume, cfg, launch.rank)
-    splits = resume.meta["splits"] if resume is not None else cfg.splits()
-    if topo is not None and resume is not None and resume.meta["servers"] == topo.servers:
+            resume = checkpoint.check_resume(resume, cfg, launch.rank)
+    splits = resume.splits if resume is not None else cfg.splits()
+    if topo is not None and resume is not None and resume.meta["servers"] == topo.servers and resume.same_clients:
         topo.place(resume.meta["placement"])  # where the clients were (topology.assignment may have moved them)
     elif topo is not None and cfg.topology.assignment == "balanced":
         from fedsea_hpc.adapt.planner import static_placement

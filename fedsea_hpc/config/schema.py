@@ -46,6 +46,9 @@ class RunConfig:
                               "redone). Not on bad input (exit 2) or a stop by signal (exit 75).")
     resume: str = _f("off", "Continue a run from a checkpoint: off; auto (the latest complete one under "
                             "run.output_dir/checkpoints, or start fresh); or the path of a checkpoint directory.")
+    resume_clients: list = _f([], "Resume with other clients: client i of this run continues the checkpoint's "
+                                  "client resume_clients[i] (its part, optimizer, data silo); clients not listed "
+                                  "left and their state is dropped. [] = the same clients.")
 
 
 @dataclass(kw_only=True)

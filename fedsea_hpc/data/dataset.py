@@ -252,14 +252,19 @@ class ClientData:
     """
 
     def __init__(self, files: list[str], client_index: int, num_clients: int, tokenizer,
-                 seq_len: int, seed: int):
+                 seq_len: int, seed: int, silo: int | None = None, shards: int | None = None):
+        """``silo``/``shards``: which data silo this client is and how many shards a single file
+        was cut into (default: ``client_index`` of ``num_clients``). A run resumed with fewer
+        clients keeps each silo's shard and shuffle (``run.resume_clients``)."""
+        silo = client_index if silo is None else silo
+        shards = num_clients if shards is None else shards
         if not (0 <= client_index < num_clients and seq_len >= 2 and seed >= 0):
             raise ValueError("need 0 <= client_index < num_clients, seq_len >= 2, seed >= 0; got "
                              f"{client_index}, {num_clients}, {seq_len}, {seed}")
         if len(files) == num_clients:
             index, records = client_index, None
         elif len(files) == 1:
-            index, records = 0, slice(client_index, None, num_clients)
+            index, records = 0, slice(silo, None, shards)
         else:
             raise DataError(f"data.train_files: got {len(files)} files for {num_clients} clients; "
                             f"give 1 (sharded round-robin) or {num_clients} (one per client)")
@@ -269,7 +274,7 @@ class ClientData:
         if not shard:
             raise _locate(path, label, None, f"client {client_index} of {num_clients} gets no "
                           f"records (the file has {len(numbered)})")
-        self.seed, self.client_index = seed, client_index
+        self.seed, self.client_index, self.silo = seed, client_index, silo
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
         self.examples: list[Example] = []
@@ -295,7 +300,7 @@ class ClientData:
     def batches(self, micro_batch_size: int, skip: int = 0) -> Iterator[Batch]:
         """Yield batches forever, epoch by epoch; each epoch visits every example exactly once.
 
-        The order is a permutation drawn from ``numpy.random.default_rng([seed, client, epoch])``
+        The order is a permutation drawn from ``numpy.random.default_rng([seed, silo, epoch])``
         (a private generator, so global RNG state is untouched and runs are reproducible). The last
         batch of an epoch holds the remainder, so ``B <= micro_batch_size``. ``skip``: start after
         that many batches (a resumed run: the same stream, without building the skipped batches).
@@ -305,7 +310,7 @@ class ClientData:
         per_epoch = -(-self.num_examples // micro_batch_size)
         epoch, first = divmod(skip, per_epoch)
         while True:
-            order = np.random.default_rng([self.seed, self.client_index, epoch]).permutation(
+            order = np.random.default_rng([self.seed, self.silo, epoch]).permutation(
                 self.num_examples)
             for start in range(first * micro_batch_size, self.num_examples, micro_batch_size):
                 yield collate([self.examples[i] for i in order[start:start + micro_batch_size]],

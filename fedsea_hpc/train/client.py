@@ -40,7 +40,7 @@ class ClientWorker:
                  device: torch.device, *, splits: list[tuple[int, int]], train: TrainConfig, peft: PeftConfig,
                  privacy: PrivacyConfig, comm: CommConfig, train_files: list[str], seed: int,
                  secure_aggregation: bool, dump_aggregation: tuple[str, int] = ("", 0),
-                 emulator: Emulator = Emulator()):
+                 emulator: Emulator = Emulator(), silo: tuple[int, int] | None = None):
         self.topo, self.device = topo, device
         self.dump_aggregation = dump_aggregation
         self.emu = emulator
@@ -50,7 +50,8 @@ class ClientWorker:
         self._build_part()
         self.link = client_link(topo, comm, privacy, counter, device)
         self._comm, self._counter = comm, counter
-        self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed)
+        silo_id, shards = silo if silo is not None else (self.index, topo.clients)  # (data silo, shards)
+        self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed, silo_id, shards)
         self.batches = self.data.batches(train.micro_batch_size)
         self.batches_taken = 0
         self.secure_sum = None
@@ -111,7 +112,7 @@ class ClientWorker:
         trainable tensor, AdamW, the data stream's position, the noise and torch RNG streams."""
         from fedsea_hpc.components.checkpoint import CheckpointError
 
-        path = res.file(f"client{self.index}.pt")
+        path = res.file(f"client{res.sources[self.index]}.pt")  # this silo's file in the checkpoint
         try:
             st = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # a damaged file: name it

@@ -61,11 +61,12 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         say("fedsea: warning: federated.avg_every: with 2 clients each one learns the other's update from the "
             "sum (sum minus its own), with or without federated.secure_aggregation; with peft.lora_r=0 that "
             "includes embedding gradients, whose rows name the other client's tokens. Use LoRA or >= 3 clients.")
-    splits = [tuple(x) for x in resume.meta["splits"]] if resume is not None else cfg.splits()
+    splits = resume.splits if resume is not None else cfg.splits()
     common = dict(splits=splits, train=cfg.train, peft=cfg.peft, comm=cfg.comm, seed=cfg.run.seed)
     if topo.role is Role.CLIENT:
         worker = ClientWorker(topo, source, tokenizer, counter, dtype, device, **common, privacy=cfg.privacy,
                               train_files=cfg.data.train_files, secure_aggregation=cfg.secure_aggregation(),
+                              silo=None if resume is None else (resume.silos[topo.client_index], resume.shards),
                               dump_aggregation=(cfg.run.output_dir, cfg.debug.dump_aggregation_steps),
                               emulator=Emulator.for_client(cfg.emulate, topo.client_index))
     else:
@@ -99,8 +100,14 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     start = resume.step if resume is not None else 0
     rows = [cfg.train.micro_batch_size] * topo.clients  # samples per step per client: the merge weights
     note: dict = {}  # what the next metrics row reports about a repartition
+    load_s = None
     if resume is not None:  # last before the loop: the probe above draws from the RNG streams it restores
+        t_load = time.perf_counter()
         worker.load_checkpoint(resume)
+        load_s = _slowest(time.perf_counter() - t_load, device)
+        if topo.rank == 0:
+            say(f"resumed from {resume.path} at step {resume.step} (loaded in {load_s:.2f} s)")
+    saves: list[dict] = []  # rank 0: seconds and bytes of every checkpoint this launch wrote
     t_start = time.perf_counter()
     for step in range(start, cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
@@ -163,9 +170,15 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         sent_after = counter.totals()["sent"]
         sums = torch.tensor([loss_sum, n_tok, samples] + [sent_after[k] - sent_before[k] for k in BYTE_KEYS],
                             dtype=torch.float64, device=device)
-        sums = torch.cat([sums, meter.slot_vector(device=device)])  # the cost model rides on this reduce
+        per_client = torch.zeros(2 * topo.clients, dtype=torch.float64, device=device)  # loss sum, tokens
+        if topo.role is Role.CLIENT:
+            per_client[worker.index], per_client[topo.clients + worker.index] = loss_sum, n_tok
+        base = 3 + len(BYTE_KEYS)
+        sums = torch.cat([sums, per_client, meter.slot_vector(device=device)])  # the cost model rides on this reduce
         dist.all_reduce(sums)
-        costs = job_costs(sums[3 + len(BYTE_KEYS):].cpu(), topo.clients, server_rank_of, bytes_per_row_token)
+        costs = job_costs(sums[base + 2 * topo.clients:].cpu(), topo.clients, server_rank_of, bytes_per_row_token)
+        loss_c, tok_c = sums[base:base + topo.clients].tolist(), sums[base + topo.clients:base + 2 * topo.clients].tolist()
+        note["client_loss"] = [ls / max(t, 1.0) for ls, t in zip(loss_c, tok_c)]
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
         maxima = torch.tensor([step_time] + [times[p] for p in PHASES] + [stop.requested], dtype=torch.float64,
                               device=device)
@@ -174,13 +187,16 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         maxima = maxima[:-1]
         if topo.rank == 0 and (measured := rebalancer.observe(step, float(maxima[0]))):
             note["rebalance_measured"] = measured
-        log.step(step, sums[:3 + len(BYTE_KEYS)].cpu(), maxima.cpu(), costs=costs, extra=note)
+        log.step(step, sums[:base].cpu(), maxima.cpu(), costs=costs, extra=note)
         note = {}
         if saver.due(step + 1) or (stopping and step + 1 < cfg.train.steps):
             t_save = time.perf_counter()
-            path = saver.save(step + 1, worker, _checkpoint_meta(cfg, topo, rebalancer), log.rows)
+            path = saver.save(step + 1, worker, _checkpoint_meta(cfg, topo, rebalancer, resume), log.rows)
+            save_s = time.perf_counter() - t_save  # every rank waits for the slowest: saver.save ends in a barrier
             if topo.rank == 0:
-                say(f"checkpoint: {path} ({time.perf_counter() - t_save:.2f} s)")
+                nbytes = checkpoint.size_bytes(path)
+                saves.append({"step": step + 1, "save_s": round(save_s, 4), "bytes": nbytes})
+                say(f"checkpoint: {path} ({nbytes / 2**20:.1f} MiB in {save_s:.2f} s)")
             if stopping:
                 log.close()
                 if topo.rank == 0:
@@ -194,12 +210,30 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     dist.barrier()
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
-                      | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish())
+                      | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish()
+                      | _checkpoint_report(saves, resume, load_s))
 
 
-def _checkpoint_meta(cfg: Config, topo: Topology, rebalancer: Rebalancer) -> dict:
+def _slowest(seconds: float, device: torch.device) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _checkpoint_report(saves: list[dict], resume: Resume | None, load_s: float | None) -> dict:
+    """summary.json's ``checkpoints``: what this launch saved (step, seconds, bytes) and loaded."""
+    if not saves and resume is None:
+        return {}
+    return {"checkpoints": {"saved": saves, "resumed_from": None if resume is None else resume.path,
+                            "resumed_at_step": None if resume is None else resume.step,
+                            "load_s": None if load_s is None else round(load_s, 4)}}
+
+
+def _checkpoint_meta(cfg: Config, topo: Topology, rebalancer: Rebalancer, resume: Resume | None) -> dict:
     """What rank 0 writes into a checkpoint's meta.json besides the step."""
-    return {"clients": topo.clients, "servers": topo.servers, "zero_stage": cfg.deepspeed.zero_stage,
+    silos = resume.silos if resume is not None else list(range(topo.clients))
+    return {"clients": topo.clients, "silos": silos, "shards": resume.shards if resume is not None else topo.clients,
+            "servers": topo.servers, "zero_stage": cfg.deepspeed.zero_stage,
             "mode": cfg.train.mode, "splits": [list(x) for x in rebalancer.splits], "placement": topo.assignment,
             "rebalances": rebalancer.records, "config": cfg.to_dict()}
 
