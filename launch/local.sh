@@ -21,16 +21,8 @@ fi
 mpi_flags=()
 if mpiexec --version 2>/dev/null | grep -qi "open mpi"; then mpi_flags=(--allow-run-as-root --oversubscribe); fi
 [ "$job" = train ] || restarts=0
-# run.max_restarts: a failed training job starts again from its last checkpoint. Not after bad
-# input (2) or a stop by signal (75: the checkpoint is saved; run again with run.resume=auto).
-attempt=0
-resume=()
-while true; do
-  rc=0
-  FEDSEA_ATTEMPT=$attempt mpiexec "${mpi_flags[@]}" -n "$ranks" python -m fedsea_hpc "$job" "${args[@]}" \
-    "${resume[@]}" || rc=$?
-  if [ "$rc" = 0 ] || [ "$rc" = 2 ] || [ "$rc" = 75 ] || [ "$attempt" -ge "$restarts" ]; then exit "$rc"; fi
-  attempt=$((attempt + 1))
-  echo "[fedsea] the job failed (exit $rc): restart $attempt of $restarts from the last checkpoint" >&2
-  resume=(run.resume=auto)
-done
+# run.max_restarts: a failed training job starts again from its last checkpoint (launch/restarts.sh).
+. launch/restarts.sh
+rc=0
+run_with_restarts "$restarts" 0 mpiexec "${mpi_flags[@]}" -n "$ranks" python -m fedsea_hpc "$job" "${args[@]}" || rc=$?
+exit "$rc"

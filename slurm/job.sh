@@ -18,10 +18,22 @@ fi
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--config "configs/$([ "$job" = train ] && echo default || echo generate).yaml")
-need="$(python -m fedsea_hpc ranks --for "$job" "${args[@]}")"
+read -r need restarts < <(python -m fedsea_hpc ranks --with-restarts --for "$job" "${args[@]}") || exit 2
 if [ "$need" != "${SLURM_NTASKS:-}" ]; then
   echo "fedsea: error: the config needs $need ranks (topology.clients + topology.servers), the job has ${SLURM_NTASKS:-?} tasks" >&2
   exit 2
 fi
+[ "$job" = train ] || restarts=0
+# run.max_restarts: a failed step starts again inside this allocation from the last checkpoint
+# (launch/restarts.sh). A requeued job (SLURM_RESTART_COUNT > 0) resumes with run.resume=auto.
 # --kill-on-bad-exit: one failed rank ends the whole step instead of leaving peers waiting.
-srun --kill-on-bad-exit=1 python -m fedsea_hpc "$job" "${args[@]}"
+. launch/restarts.sh
+rc=0
+run_with_restarts "$restarts" "${SLURM_RESTART_COUNT:-0}" srun --kill-on-bad-exit=1 python -m fedsea_hpc "$job" "${args[@]}" || rc=$?
+# 75: the ranks were signalled (USR1 before the time limit, see train.sbatch; TERM on preemption)
+# and saved a checkpoint. Put the job back in the queue to continue, unless FEDSEA_REQUEUE=0.
+if [ "$rc" = 75 ] && [ "$job" = train ] && [ "${FEDSEA_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "[fedsea] stopped with a checkpoint: requeueing job $SLURM_JOB_ID to continue (run.resume=auto)" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_summary, subprocess_env, with_free_port
+from conftest import REPO, free_port, load_metrics, load_summary, subprocess_env, with_free_port
 from fedsea_hpc.config import reference_markdown
 from fedsea_hpc.distributed.env import detect_launch
 
@@ -25,7 +27,9 @@ for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
-echo localhost
+echo "$@" >> "$FAKE_SCONTROL_LOG"
+[ "$1" = show ] && echo localhost
+exit 0
 """
 
 
@@ -38,16 +42,21 @@ def fake_slurm(tmp_path):
         p.write_text(text)
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
 
-    def run(ntasks: int, *args: str, script: str = "train.sbatch") -> subprocess.CompletedProcess:
-        def launch(port: int) -> subprocess.CompletedProcess:
+    def run(ntasks: int, *args: str, script: str = "train.sbatch", env_extra: dict | None = None,
+            popen: bool = False):
+        def launch(port: int):
             env = subprocess_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": str(ntasks),
                                   "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]",
                                   "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1",
-                                  "MASTER_PORT": str(port)})
-            return subprocess.run(["bash", str(REPO / "slurm" / script), *args], cwd=REPO, env=env,
-                                  capture_output=True, text=True, timeout=300)
+                                  "MASTER_PORT": str(port), "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+                                  **(env_extra or {})})
+            cmd = ["bash", str(REPO / "slurm" / script), *args]
+            if popen:
+                return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+            return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
-        return with_free_port(launch)
+        return launch(free_port()) if popen else with_free_port(launch)
 
     return run
 
@@ -58,6 +67,60 @@ def test_sbatch_script_runs_the_job_through_srun(fake_slurm, tmp_path):
                       "run.progress=false", "comm.timeout_s=30")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_summary(tmp_path / "out")["steps"] == 3
+
+
+@pytest.mark.multirank
+def test_sbatch_restarts_a_failed_step_and_a_requeued_job_resumes(fake_slurm, tmp_path):
+    """Under the stand-in srun (no real Slurm yet): run.max_restarts=1 retries the step after a
+    client is killed at step 3, from the checkpoint at step 2; then the same job "requeued"
+    (SLURM_RESTART_COUNT=1, train.steps raised) resumes from its last checkpoint."""
+    out = tmp_path / "out"
+    base = ["--config", "tests/data/defaults.yaml", "topology.clients=2", "topology.servers=2",
+            f"run.output_dir={out}", "run.progress=false", "comm.timeout_s=20", "run.save_every=2"]
+    proc = fake_slurm(4, *base, "train.steps=4", "run.max_restarts=1", "debug.fail_rank=1", "debug.fail_step=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "restart 1 of 1 from the last checkpoint" in proc.stderr
+    assert [r["step"] for r in load_metrics(out)] == [1, 2, 3, 4]
+    proc = fake_slurm(4, *base, "train.steps=6", env_extra={"SLURM_RESTART_COUNT": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
+    assert [r["step"] for r in load_metrics(out)] == list(range(1, 7))
+
+
+@pytest.mark.multirank
+def test_sbatch_requeues_a_job_stopped_by_the_time_limit_signal(fake_slurm, tmp_path):
+    """USR1 (what --signal=USR1@120 sends before the time limit) to one rank: the ranks save and
+    exit 75, and job.sh asks scontrol to requeue the job (the stand-in records the call)."""
+    out = tmp_path / "out"
+    proc = fake_slurm(4, "--config", "tests/data/defaults.yaml", "topology.clients=2", "topology.servers=2",
+                      "train.steps=200", "emulate.link_latency_ms=[100,100]", f"run.output_dir={out}",
+                      "run.progress=false", "comm.timeout_s=20", popen=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = out / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        ranks = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank_of(p, out)]
+        assert len(ranks) == 4, ranks
+        os.kill(int(ranks[0].name), signal.SIGUSR1)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "requeueing job 4242" in stderr
+    assert "requeue 4242" in (tmp_path / "scontrol.log").read_text().splitlines()
+    assert len(list((out / "checkpoints").iterdir())) == 1
+
+
+def _is_rank_of(proc_dir: Path, out: Path) -> bool:
+    try:
+        argv = (proc_dir / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"run.output_dir={out}".encode() in argv and argv[1:3] == [b"-m", b"fedsea_hpc"]
 
 
 @pytest.mark.parametrize("script, config, need", [("train.sbatch", "configs/default.yaml", 4),
