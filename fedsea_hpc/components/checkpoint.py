@@ -20,8 +20,8 @@ A save fills ``.tmp-step-XXXXXXXX`` (every rank writes its own files there), the
 barrier, rank 0 writes ``COMPLETE`` and renames the directory into place: a ``step-*``
 directory is complete by construction, and an interrupted save leaves only a ``.tmp-*`` that
 the next launch removes. A save that cannot write (a full disk, a quota) stops the job with one
-line naming the directory; the previous checkpoint is untouched. Older complete checkpoints beyond ``run.keep_checkpoints`` are deleted
-only after the new one is in place. The secure-aggregation keys are not saved: they are agreed
+line naming the directory; the previous checkpoint is untouched. Older complete checkpoints
+beyond ``run.keep_checkpoints`` are deleted only after the new one is in place. The secure-aggregation keys are not saved: they are agreed
 afresh by each launch (masks cancel in the sum, so the sums, and the losses, do not depend on them).
 """
 from __future__ import annotations
@@ -312,8 +312,9 @@ def _save_failed(e: BaseException, tmp: str, steps_done: int, out: str) -> str:
 
 def consolidated_start(res: Resume | None, servers: int, zero_stage: int):
     """The server's starting state when the checkpoint was written by another layout (server
-    count, ZeRO stage, or other clients, whose union of server spans may differ): the consolidated Part B as a :class:`~fedsea_hpc.adapt.migrate.Moved`
-    (its own copies, nothing merged). None when DeepSpeed's own checkpoint fits (or no resume)."""
+    count, ZeRO stage, or other clients, whose union of server spans may differ): the
+    consolidated Part B as a :class:`~fedsea_hpc.adapt.migrate.Moved` (its own copies, nothing
+    merged). None when DeepSpeed's own checkpoint fits (or no resume)."""
     if res is None or (res.meta["servers"] == servers and res.meta["zero_stage"] == zero_stage
                        and res.same_clients):
         return None

@@ -121,7 +121,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(isinstance(cfg.run.resume, str) and cfg.run.resume != "",
          f"run.resume: must be off, auto or a checkpoint directory, got {cfg.run.resume!r}")
     need(not cfg.run.resume_clients or cfg.run.resume != "off",
-         f"run.resume_clients: only with run.resume (auto or a checkpoint directory), got run.resume=off")
+         "run.resume_clients: only with run.resume (auto or a checkpoint directory), got run.resume=off")
     g = cfg.generate
     need(g.max_new_tokens >= 1, f"generate.max_new_tokens: must be >= 1, got {g.max_new_tokens}")
     need(g.batch_size >= 1, f"generate.batch_size: must be >= 1, got {g.batch_size}")
