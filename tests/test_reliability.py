@@ -251,21 +251,32 @@ def test_a_full_disk_stops_the_save_with_one_line_and_keeps_the_previous_checkpo
 
 
 @pytest.mark.multirank
-def test_a_peer_slower_than_the_timeout_but_alive_is_waited_for(runs):
+def test_a_slow_peer_is_waited_for_and_a_slow_checkpoint_write_does_not_stop_training(runs):
     """comm.timeout_s=3 and a client that sleeps 10 s (EMULATED slow peer: a long generation
     round, a late turn): before heartbeats every waiting rank gave up after 3 s; now the run
-    finishes with the uninterrupted run's losses."""
+    finishes with the uninterrupted run's losses. The same launch saves every 2 steps through a
+    writer that sleeps 8 s first on every rank (debug.slow_save_s, an EMULATED slow filesystem):
+    the checkpoint after step 2 is published only after a later step ran, the losses do not
+    change, and every checkpoint is complete by the end."""
     case = "par-z0-lora-avg3-dropout"
     full, _ = runs.pair(case)
     clients, servers, _, _, over = CASES[case]
     out = runs.root / "slow"
     proc = run_fedsea([f"topology.clients={clients}", f"topology.servers={servers}", f"train.steps={N}", *over,
                        "comm.timeout_s=3", "debug.stall_rank=1", "debug.stall_step=2", "debug.stall_s=10",
+                       "run.save_every=2", "run.keep_checkpoints=4", "debug.slow_save_s=8",
                        f"run.output_dir={out}"], n=clients + servers)
     check_ok(proc)
     assert "sleeping 10 s at step 2 (EMULATED slow peer)" in proc.stdout + proc.stderr
     assert load_summary(out)["losses"] == load_summary(full)["losses"]
     assert max(r["step_time_s"] for r in load_metrics(out)) > 3
+    saved = load_summary(out)["checkpoints"]["saved"]
+    assert [s["step"] for s in saved] == [2, 4, 6, 8]
+    assert saved[0]["published_after_step"] > 2 and saved[0]["save_s"] < 8  # the steps went on meanwhile
+    assert all(s["published_after_step"] >= s["step"] for s in saved)
+    kept = checkpoint.complete(str(out))
+    assert [k for k, _ in kept] == [2, 4, 6, 8] and not list((out / "checkpoints").glob(".tmp-*"))
+    assert all(checkpoint.read(p).step == k for k, p in kept)  # every file matches its size and CRC-32
 
 
 @pytest.mark.multirank
@@ -336,6 +347,43 @@ def test_find_takes_the_latest_complete_checkpoint_and_skips_damaged_ones(tmp_pa
         checkpoint.find(run(tmp_path / "checkpoints" / "step-00000008"))
     with pytest.raises(checkpoint.CheckpointError, match=r"run\.resume: .*/nope: not a directory; give off, auto"):
         checkpoint.find(run(tmp_path / "nope"))
+
+
+def test_a_snapshot_does_not_see_later_changes_and_keeps_the_containers():
+    import collections
+
+    import torch
+
+    w = torch.zeros(4)
+    state = {"w": w, "view": w[1:3], "opt": collections.OrderedDict(m=[torch.ones(2), (torch.ones(1), 3)]),
+             "d": collections.defaultdict(list, a=[torch.ones(1)]), "n": 5, "s": "x"}
+    snap = checkpoint.snapshot(state)
+    w += 1
+    state["opt"]["m"][0].mul_(7)
+    assert torch.equal(snap["w"], torch.zeros(4)) and torch.equal(snap["opt"]["m"][0], torch.ones(2))
+    assert snap["view"].untyped_storage().nbytes() == 2 * 4  # a view is saved as its own elements
+    assert type(snap["opt"]) is collections.OrderedDict and isinstance(snap["opt"]["m"][1], tuple)
+    assert snap["d"].default_factory is list and snap["n"] == 5 and snap["s"] == "x"
+
+
+def test_the_writer_notes_sizes_and_crcs_and_keeps_its_first_error(tmp_path):
+    import torch
+
+    wr = checkpoint.Writer()
+    where = (str(tmp_path), 4)
+    t = torch.arange(10.0)
+    wr.save({"t": t}, str(tmp_path / "a" / "x.pt"), where)
+    t.zero_()  # after the snapshot: not in the file
+    wr.text("hello", str(tmp_path / "m.txt"), where)
+    wr.wait()
+    assert not wr.busy()
+    assert torch.equal(torch.load(tmp_path / "a" / "x.pt")["t"], torch.arange(10.0))
+    for f in (tmp_path / "a" / "x.pt", tmp_path / "m.txt"):
+        assert wr.written[str(f)] == {"bytes": f.stat().st_size, "crc32": checkpoint.crc32(f)}
+    wr.text("x", str(tmp_path / "no" / "such" / "dir.txt"), where)
+    wr.wait()
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint after step 4: writing .* failed: No such file"):
+        wr.check(str(tmp_path))
 
 
 def test_tidy_clears_a_crashed_save_and_puts_a_set_aside_checkpoint_back(tmp_path):

@@ -202,6 +202,9 @@ class DebugConfig:
                              "heartbeat beating) ...")
     stall_step: int = _f(-1, "... at the start of this step (-1 = never; 0-based).")
     stall_s: float = _f(0.0, "... for this many seconds (EMULATED slowness: no compute happens).")
+    slow_save_s: float = _f(0.0, "Slow-filesystem emulation for tests: every rank's background checkpoint writer "
+                                 "sleeps this long before each checkpoint's files (EMULATED: training goes on "
+                                 "meanwhile); 0 = off.")
     dump_aggregation_steps: int = _f(0, "Under secure aggregation, each client saves its raw and masked integer "
                                         "update and the sum for the first this many aggregations under "
                                         "run.output_dir/secagg/ (audits and tests); 0 = off.")

@@ -102,6 +102,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(cfg.privacy.noise_seed >= -1, f"privacy.noise_seed: must be -1 (OS entropy) or >= 0, got {cfg.privacy.noise_seed}")
     need(cfg.debug.dump_aggregation_steps >= 0,
          f"debug.dump_aggregation_steps: must be >= 0, got {cfg.debug.dump_aggregation_steps}")
+    need(cfg.debug.slow_save_s >= 0, f"debug.slow_save_s: must be >= 0 (0 = off), got {cfg.debug.slow_save_s}")
     need(cfg.debug.dump_wire_steps >= 0, f"debug.dump_wire_steps: must be >= 0, got {cfg.debug.dump_wire_steps}")
     need(cfg.federated.avg_every >= 0, f"federated.avg_every: must be >= 0, got {cfg.federated.avg_every}")
     _check_deepspeed_extra(cfg.deepspeed.extra)

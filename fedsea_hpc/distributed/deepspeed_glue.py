@@ -141,3 +141,35 @@ def load_optimizer_state(engine, named, state: dict, step: float) -> None:
                 safe_set_full_optimizer_state(p, value.to(device=p.device, dtype=torch.float32), key)
             else:
                 inner.state[p][key].copy_(value.to(inner.state[p][key].dtype))
+
+
+def save_checkpoint_snapshot(engine, save_dir: str, tag: str, hand_over) -> None:
+    """``engine.save_checkpoint(save_dir, tag)`` as DeepSpeed has it (its collectives, file names
+    and contents, frozen base weights left out), except that each state dict goes to
+    ``hand_over(state_dict, path)`` instead of ``torch.save``: the caller snapshots it and writes
+    it in the background (``components.checkpoint.Writer``). Collective over the engine's group."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    class HandOver(CheckpointEngine):
+        def create(self, info) -> None:
+            pass
+
+        def save(self, state_dict, path: str) -> None:
+            hand_over(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=False)
+
+        def commit(self, info) -> bool:
+            return True
+
+        def preserves_storage_sharing(self) -> bool:
+            return False  # the snapshot copies each tensor into storage of its own size
+
+    own = engine.checkpoint_engine
+    engine.checkpoint_engine = HandOver()
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    finally:
+        engine.checkpoint_engine = own
+

@@ -97,15 +97,16 @@ class ClientWorker:
         self._build_part(moved)
         self._build_sync()
 
-    def save_checkpoint(self, directory: str) -> None:
-        """This client's file of a checkpoint (:mod:`fedsea_hpc.components.checkpoint`)."""
+    def save_checkpoint(self, directory: str, writer, where) -> None:
+        """This client's file of a checkpoint (:mod:`fedsea_hpc.components.checkpoint`): snapshot
+        now, written by ``writer`` while training goes on."""
         state = {"client": self.index, "splits": self.splits, "batches_taken": self.batches_taken,
                  "samples_since_avg": self.samples_since_avg,
-                 "params": {n: p.detach().cpu().clone() for n, p in self.params},
+                 "params": {n: p.detach() for n, p in self.params},
                  "optimizer": self.opt.state_dict(), "noise_rng": self.link.generator.get_state(),
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        torch.save(state, os.path.join(directory, f"client{self.index}.pt"))
+        writer.save(state, os.path.join(directory, f"client{self.index}.pt"), where)
 
     def load_checkpoint(self, res) -> None:
         """Continue from ``res`` (a :class:`~fedsea_hpc.components.checkpoint.Resume`): every

@@ -180,11 +180,12 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         loss_c, tok_c = sums[base:base + topo.clients].tolist(), sums[base + topo.clients:base + 2 * topo.clients].tolist()
         note["client_loss"] = [ls / max(t, 1.0) for ls, t in zip(loss_c, tok_c)]
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
-        maxima = torch.tensor([step_time] + [times[p] for p in PHASES] + [stop.requested], dtype=torch.float64,
-                              device=device)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # its last slot: did any rank get SIGTERM/SIGUSR1?
-        stopping = bool(maxima[-1] > 0)
-        maxima = maxima[:-1]
+        maxima = torch.tensor([step_time] + [times[p] for p in PHASES] + [saver.busy(), stop.requested],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # last slots: is any rank still writing a checkpoint,
+        stopping = bool(maxima[-1] > 0)  # did any rank get SIGTERM/SIGUSR1?
+        saver.boundary(step + 1, anyone_busy=bool(maxima[-2] > 0))
+        maxima = maxima[:-2]
         if topo.rank == 0 and (measured := rebalancer.observe(step, float(maxima[0]))):
             note["rebalance_measured"] = measured
         log.step(step, sums[:base].cpu(), maxima.cpu(), costs=costs, extra=note)
@@ -192,12 +193,13 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         if saver.due(step + 1) or (stopping and step + 1 < cfg.train.steps):
             t_save = time.perf_counter()
             path = saver.save(step + 1, worker, _checkpoint_meta(cfg, topo, rebalancer, resume), log.rows)
-            save_s = time.perf_counter() - t_save  # every rank waits for the slowest: saver.save ends in a barrier
+            save_s = time.perf_counter() - t_save  # what training waits for: the snapshot (and an unfinished save)
             if topo.rank == 0:
-                nbytes = checkpoint.size_bytes(path)
-                saves.append({"step": step + 1, "save_s": round(save_s, 4), "bytes": nbytes})
-                say(f"checkpoint: {path} ({nbytes / 2**20:.1f} MiB in {save_s:.2f} s)")
+                saves.append({"step": step + 1, "path": path, "save_s": round(save_s, 4),
+                              "waited_for_previous_s": round(saver.waited_s, 4)})
+                say(f"checkpoint: {path} (snapshot in {save_s:.2f} s, written in the background)")
             if stopping:
+                saver.finish(step + 1)
                 log.close()
                 if topo.rank == 0:
                     say(f"fedsea: stopped on a signal after step {step + 1} of {cfg.train.steps}; "
@@ -205,13 +207,14 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                 stop.restore()
                 dist.barrier()
                 return PREEMPTED
+    saver.finish(cfg.train.steps)  # the last checkpoint's files written and published
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
     dist.barrier()
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
                       | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish()
-                      | _checkpoint_report(saves, resume, load_s))
+                      | _checkpoint_report(saves, saver, resume, load_s))
 
 
 def _slowest(seconds: float, device: torch.device) -> float:
@@ -220,10 +223,15 @@ def _slowest(seconds: float, device: torch.device) -> float:
     return float(t)
 
 
-def _checkpoint_report(saves: list[dict], resume: Resume | None, load_s: float | None) -> dict:
-    """summary.json's ``checkpoints``: what this launch saved (step, seconds, bytes) and loaded."""
+def _checkpoint_report(saves: list[dict], saver: checkpoint.Saver, resume: Resume | None,
+                       load_s: float | None) -> dict:
+    """summary.json's ``checkpoints``: what this launch saved (step, the stall, when it was
+    complete, bytes) and loaded."""
     if not saves and resume is None:
         return {}
+    for s in saves:
+        s["published_after_step"] = saver.published.get(s["step"])  # written in the background until then
+        s["bytes"] = checkpoint.size_bytes(s["path"]) if os.path.isdir(s["path"]) else None  # if still kept
     return {"checkpoints": {"saved": saves, "resumed_from": None if resume is None else resume.path,
                             "resumed_at_step": None if resume is None else resume.step,
                             "load_s": None if load_s is None else round(load_s, 4)}}

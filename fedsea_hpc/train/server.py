@@ -20,7 +20,7 @@ from fedsea_hpc.adapt import migrate
 from fedsea_hpc.components.engine import server_engine
 from fedsea_hpc.components.links import server_links
 from fedsea_hpc.config import CommConfig, DeepSpeedConfig, PeftConfig, TrainConfig
-from fedsea_hpc.distributed.deepspeed_glue import full_state, load_optimizer_state
+from fedsea_hpc.distributed.deepspeed_glue import full_state, load_optimizer_state, save_checkpoint_snapshot
 from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import ServerSpans, build_part
@@ -86,17 +86,22 @@ class ServerWorker:
         self.splits = [tuple(s) for s in new_splits]
         self._build(self.splits, moved)
 
-    def save_checkpoint(self, directory: str) -> None:
+    def save_checkpoint(self, directory: str, writer, where) -> None:
         """The server group's files of a checkpoint: DeepSpeed's own (same layout resumes), the
-        consolidated Part B (any layout), this rank's RNG. Collective over the server group."""
-        self.engine.save_checkpoint(os.path.join(directory, "server"), tag="ds", save_latest=False,
-                                    exclude_frozen_parameters=True)
+        consolidated Part B (any layout), this rank's RNG. Collective over the server group.
+
+        ``engine.save_checkpoint`` runs as DeepSpeed has it (its collectives, its file names and
+        contents), through a checkpoint engine whose ``save`` hands a snapshot to ``writer``
+        instead of writing: the files are written while training goes on."""
+        save_checkpoint_snapshot(self.engine, os.path.join(directory, "server"), "ds",
+                                 lambda state, path: writer.save(state, path, where))
         full, step = full_state(self.engine, self.params)
         if self.topo.rank == self.topo.server_ranks[0]:
-            torch.save({"state": full, "step": step, "splits": self.splits}, os.path.join(directory, "server_full.pt"))
-        torch.save({"torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-                   os.path.join(directory, f"server_rng{self.topo.server_index}.pt"))
+            writer.save({"state": full, "step": step, "splits": self.splits},
+                        os.path.join(directory, "server_full.pt"), where)
+        writer.save({"torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                    os.path.join(directory, f"server_rng{self.topo.server_index}.pt"), where)
 
     def load_checkpoint(self, res) -> None:
         """Same server count and ZeRO stage as the checkpoint: DeepSpeed's ``load_checkpoint``
@@ -185,3 +190,4 @@ class ServerWorker:
 def _pad_time(h: torch.Tensor, t: int) -> torch.Tensor:
     """Right-pad [B, T, H] with zeros to [B, t, H] (padded positions are masked by the lengths)."""
     return torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1]))
+
