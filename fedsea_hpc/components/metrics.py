@@ -31,8 +31,14 @@ class MetricsLog:
         self.file = open(os.path.join(run.output_dir, "metrics.jsonl"), "w")
         self.file.writelines(json.dumps(r) + "\n" for r in self.rows)
         self.file.flush()
-        self.bar = tqdm(total=train.steps, initial=len(self.rows), desc=f"train[{train.mode}]", unit="step",
-                        disable=not run.progress, file=sys.stderr, dynamic_ncols=True)
+        self.bar = None  # created by start(), after set-up: its rate and ETA are the steps' own
+
+    def start(self) -> None:
+        """The progress bar, when the first step is about to run (not before the model load and
+        DeepSpeed's one-time op build, which would make step 1 look like minutes)."""
+        if self.enabled and self.bar is None:
+            self.bar = tqdm(total=self.train.steps, initial=len(self.rows), desc=f"train[{self.train.mode}]",
+                            unit="step", disable=not self.run.progress, file=sys.stderr, dynamic_ncols=True)
 
     def step(self, step: int, sums: torch.Tensor, maxima: torch.Tensor, costs: dict | None = None,
              extra: dict | None = None) -> None:
@@ -59,6 +65,7 @@ class MetricsLog:
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.start()
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", s_per_step=f"{row['step_time_s']:.3f}")
         if not self.run.progress and (step + 1) % self.run.log_every == 0:
@@ -68,13 +75,15 @@ class MetricsLog:
     def close(self) -> None:
         """Stop without a summary (a run stopped by a signal: its checkpoint has the rows)."""
         if self.enabled:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.file.close()
 
     def finish(self, wall_s: float, extra: dict | None = None) -> dict | None:
         if not self.enabled:
             return None
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         self.file.close()
         rows = self.rows
         # The first steps include one-off warm-up (allocator, thread pools): report both.

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import fedsea_hpc
 from fedsea_hpc.adapt.costs import CostMeter, job_costs
 from fedsea_hpc.adapt.emulate import Emulator, emulation_report
 from fedsea_hpc.adapt.memory import static_memory
@@ -108,6 +109,11 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         if topo.rank == 0:
             say(f"resumed from {resume.path} at step {resume.step} (loaded in {load_s:.2f} s)")
     saves: list[dict] = []  # rank 0: seconds and bytes of every checkpoint this launch wrote
+    setup_s = _slowest(time.perf_counter() - fedsea_hpc.STARTED, device)
+    if topo.rank == 0:
+        say(f"set-up {setup_s:.1f} s (slowest rank: imports, model, DeepSpeed, probes{', resume' if resume else ''}); "
+            f"training steps {start + 1}..{cfg.train.steps}")
+    log.start()
     t_start = time.perf_counter()
     for step in range(start, cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
@@ -214,7 +220,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
                       | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish()
-                      | _checkpoint_report(saves, saver, resume, load_s))
+                      | _checkpoint_report(saves, saver, resume, load_s) | {"setup_s": round(setup_s, 3)})
 
 
 def _slowest(seconds: float, device: torch.device) -> float:

@@ -1,0 +1,177 @@
+"""slurm/*.sbatch on a real one-node Slurm cluster (launch/slurm-local.sh).
+
+The session fixture uses the private cluster when it is up (``.ci/run`` brings it up), brings it
+up for the session otherwise (and down after), and skips with the reason when it cannot (not
+root and Slurm not installed). ``FEDSEA_REQUIRE_SLURM=1`` (CI) turns that skip into a failure.
+Each test submits with ``sbatch`` from the repository, as a user would, and waits for the job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, load_summary
+
+pytestmark = [pytest.mark.slurm, pytest.mark.multirank]
+SCRIPT = REPO / "launch" / "slurm-local.sh"
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+        "DEADLINE"}
+# the default job (3 clients + 1 server, tiny random Llama), short; one thread per rank on 2 cores
+TRAIN = ["--config", "configs/default.yaml", "train.steps=6", "privacy.noise_seed=0",
+         "comm.timeout_s=30", "comm.max_wait_s=300"]
+
+
+class Cluster:
+    def __init__(self, conf: str):
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_ADDR", "MASTER_PORT")}
+        self.env.update(SLURM_CONF=conf, PYTHONWARNINGS="ignore")
+
+    def cmd(self, *args: str, check: bool = True) -> str:
+        p = subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+        return p.stdout
+
+    def submit(self, script: str, log: Path, options: list[str], args: list[str]) -> str:
+        """``sbatch [options] slurm/SCRIPT [args]`` from the repository; the job id."""
+        out = self.cmd("sbatch", "--parsable", f"--output={log}", "--cpus-per-task=1", *options,
+                       f"slurm/{script}", *args)
+        return out.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        line = self.cmd("scontrol", "show", "job", "--oneliner", job_id)
+        return dict(re.findall(r"(\w+)=(\S*)", line))
+
+    def wait(self, job_id: str, log: Path, until=DONE, timeout: float = 400) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info["JobState"] in until:
+                return info
+            time.sleep(1)
+        self.cmd("scancel", job_id, check=False)
+        raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout:.0f} s; log:\n{_tail(log)}")
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
+
+
+def _metrics_rows(out: Path) -> int:
+    f = out / "metrics.jsonl"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def _ranks_of(out: Path) -> list[int]:
+    """pids of processes whose command line names this job's output dir (its ranks)."""
+    p = subprocess.run(["pgrep", "-f", f"run.output_dir={out}"], capture_output=True, text=True)
+    return [int(x) for x in p.stdout.split()]
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    env = dict(os.environ)
+    conf = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True).stdout.split("=", 1)[1]
+    started = False
+    if subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True).returncode != 0:
+        up = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, env=env, timeout=300)
+        if up.returncode != 0:
+            reason = f"no local Slurm cluster: {up.stderr.strip().splitlines()[-1] if up.stderr.strip() else up.returncode}"
+            if os.environ.get("FEDSEA_REQUIRE_SLURM") == "1":
+                pytest.fail(reason)
+            pytest.skip(reason)
+        started = True
+    yield Cluster(conf.strip())
+    if started:
+        subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def straight(slurm, tmp_path_factory):
+    """``sbatch --ntasks=4 slurm/train.sbatch --config configs/default.yaml``, shortened: its log,
+    output dir and final job record (shared by the tests that compare with it)."""
+    d = tmp_path_factory.mktemp("slurm-train")
+    log, out = d / "job.out", d / "out"
+    job = slurm.submit("train.sbatch", log, ["--ntasks=4"], [*TRAIN, f"run.output_dir={out}"])
+    return log, out, slurm.wait(job, log)
+
+
+def test_train_sbatch_completes_and_the_progress_bar_starts_after_set_up(straight):
+    log, out, info = straight
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _tail(log)
+    s = load_summary(out)
+    assert s["steps"] == 6 and len(s["losses"]) == 6
+    for part in ("client0", "client1", "client2", "server"):
+        assert (out / "adapters" / part).is_dir(), part
+    text = log.read_text(errors="replace")
+    assert s["setup_s"] > 0 and f"set-up {s['setup_s']:.1f} s" in text
+    # the bar is created when step 1 is about to run: its elapsed time at step 1 is the step's, not set-up's
+    first = re.search(r"1/6 \[(\d+):(\d+)<", text)
+    assert first, text[-2000:]
+    assert int(first.group(1)) * 60 + int(first.group(2)) < s["setup_s"], (first.group(0), s["setup_s"])
+
+
+def test_a_job_whose_ntasks_disagree_with_the_config_fails_fast_with_one_line(slurm, tmp_path):
+    log = tmp_path / "job.out"
+    job = slurm.submit("train.sbatch", log, ["--ntasks=3"], [*TRAIN, f"run.output_dir={tmp_path / 'out'}"])
+    info = slurm.wait(job, log, timeout=120)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", _tail(log)
+    errors = [line for line in log.read_text().splitlines() if line.startswith("fedsea: error:")]
+    assert errors == ["fedsea: error: the config needs 4 ranks (topology.clients + topology.servers), "
+                      "the job has 3 tasks"], _tail(log)
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_scancel_of_a_running_job_ends_every_rank(slurm, tmp_path):
+    log, out = tmp_path / "job.out", tmp_path / "out"
+    # rank 0 sleeps through step 2: the job is mid-run, every rank alive, when it is cancelled
+    job = slurm.submit("train.sbatch", log, ["--ntasks=4"],
+                       [*TRAIN, f"run.output_dir={out}", "debug.stall_rank=0", "debug.stall_step=1",
+                        "debug.stall_s=600"])
+    deadline = time.monotonic() + 300
+    while _metrics_rows(out) < 1 or len(_ranks_of(out)) < 4:
+        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), _tail(log)
+        time.sleep(1)
+    slurm.cmd("scancel", job)
+    info = slurm.wait(job, log, timeout=120)
+    assert info["JobState"] == "CANCELLED", info
+    deadline = time.monotonic() + 60  # KillWait (10 s) then SIGKILL: nothing may outlive it
+    while _ranks_of(out) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _ranks_of(out) == [], subprocess.run(["ps", "-ef"], capture_output=True, text=True).stdout[-3000:]
+    time.sleep(3)
+    assert slurm.job(job)["JobState"] == "CANCELLED"  # not requeued: a cancel is not a preemption
+    assert not (out / "summary.json").exists()
+
+
+def test_usr1_saves_requeues_and_the_resumed_job_ends_with_the_uninterrupted_losses(slurm, straight, tmp_path):
+    """What ``#SBATCH --signal=USR1@120`` delivers before the time limit, sent now with
+    ``scancel --signal=USR1`` (the same signal to the same processes, the job's step tasks; Slurm's
+    own timing of it has a resolution of up to a minute): the ranks save at the next step
+    boundary and exit 75, slurm/job.sh requeues the job, the requeued job resumes (run.resume=auto)."""
+    _, _, ref = straight
+    log, out = tmp_path / "job.out", tmp_path / "out"
+    job = slurm.submit("train.sbatch", log, ["--ntasks=4"],
+                       [*TRAIN, f"run.output_dir={out}", "debug.stall_rank=0", "debug.stall_step=2",
+                        "debug.stall_s=15"])
+    deadline = time.monotonic() + 300
+    while _metrics_rows(out) < 2:  # rank 0 now sleeps at the start of step 3
+        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), _tail(log)
+        time.sleep(0.5)
+    slurm.cmd("scancel", "--signal=USR1", job)
+    info = slurm.wait(job, log, until={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert "requeueing job" in text and "resumed from" in text, text[-4000:]
+    s = load_summary(out)
+    assert s["checkpoints"]["resumed_at_step"] == 3
+    assert s["losses"] == load_summary(straight[1])["losses"]
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert ref["JobState"] == "COMPLETED"
