@@ -77,11 +77,10 @@ def _ranks_of(out: Path) -> list[int]:
 
 @pytest.fixture(scope="session")
 def slurm():
-    env = dict(os.environ)
     conf = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True).stdout.split("=", 1)[1]
     started = False
     if subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True).returncode != 0:
-        up = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, env=env, timeout=300)
+        up = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=300)
         if up.returncode != 0:
             reason = f"no local Slurm cluster: {up.stderr.strip().splitlines()[-1] if up.stderr.strip() else up.returncode}"
             if os.environ.get("FEDSEA_REQUIRE_SLURM") == "1":

@@ -316,8 +316,6 @@ class Writer:
 
     def wait(self) -> float:
         """Block until every queued file is written; the seconds waited."""
-        import time
-
         t0 = time.perf_counter()
         self._idle.wait()
         return time.perf_counter() - t0
@@ -372,13 +370,7 @@ class Saver:
         """Every rank: snapshot this rank's part and queue its files; rank 0 adds ``meta``/``rows``."""
         import torch.distributed as dist
 
-        if self.unpublished:  # the previous save is still being written somewhere: finish it first
-            self.waited_s = self.writer.wait()
-            self.writer.check(self.out)
-            dist.barrier()
-            self._publish_all(steps_done)
-        else:
-            self.waited_s = 0.0
+        self.waited_s = self.finish(steps_done)  # the previous save may still be written somewhere
         base = root(self.out)
         tmp = os.path.join(base, f".tmp-{step_name(steps_done)}")
         final = os.path.join(base, step_name(steps_done))
@@ -403,16 +395,18 @@ class Saver:
         self.unpublished.append((steps_done, tmp, final))
         return final
 
-    def finish(self, steps_done: int) -> None:
-        """Every rank, at the end of training or a stop: wait for the writes, publish them."""
+    def finish(self, steps_done: int) -> float:
+        """Every rank, before a save, at the end of training or a stop: wait for the unpublished
+        writes and publish them; the seconds this rank waited."""
         import torch.distributed as dist
 
         if not self.unpublished:
-            return
-        self.writer.wait()
+            return 0.0
+        waited = self.writer.wait()
         self.writer.check(self.out)
         dist.barrier()
         self._publish_all(steps_done)
+        return waited
 
     def _publish_all(self, now: int) -> None:
         for steps_done, tmp, final in self.unpublished:
@@ -426,9 +420,8 @@ class Saver:
 
     def _manifest(self, tmp: str) -> None:
         """Writer thread: ``parts/rank<r>.json``, the size and CRC-32 of every file this rank wrote."""
-        notes = {os.path.relpath(p, tmp): n for p, n in list(self.writer.written.items()) if p.startswith(tmp + os.sep)}
-        for p in [p for p in self.writer.written if p.startswith(tmp + os.sep)]:
-            del self.writer.written[p]
+        mine = [p for p in self.writer.written if p.startswith(tmp + os.sep)]
+        notes = {os.path.relpath(p, tmp): self.writer.written.pop(p) for p in mine}
         os.makedirs(os.path.join(tmp, "parts"), exist_ok=True)
         with open(os.path.join(tmp, "parts", f"rank{self.topo.rank}.json"), "w") as f:
             json.dump(notes, f)

@@ -190,4 +190,3 @@ class ServerWorker:
 def _pad_time(h: torch.Tensor, t: int) -> torch.Tensor:
     """Right-pad [B, T, H] with zeros to [B, t, H] (padded positions are masked by the lengths)."""
     return torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1]))
-
