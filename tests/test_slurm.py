@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, load_summary
+from fedsea_hpc.components import checkpoint
+from test_generate import hf_reference, read_generations
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multirank]
 SCRIPT = REPO / "launch" / "slurm-local.sh"
@@ -174,3 +176,66 @@ def test_usr1_saves_requeues_and_the_resumed_job_ends_with_the_uninterrupted_los
     assert s["losses"] == load_summary(straight[1])["losses"]
     assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
     assert ref["JobState"] == "COMPLETED"
+
+
+def test_generate_sbatch_completes_token_exact_with_transformers(slurm, tmp_path, smollm2_dir):
+    """``sbatch --ntasks=3 slurm/generate.sbatch --config configs/generate.yaml`` on SmolLM2-135M
+    (shortened answers): every client's file holds its prompts, token-exact with HF greedy generate."""
+    log, out = tmp_path / "job.out", tmp_path / "out"
+    new = 10
+    job = slurm.submit("generate.sbatch", log, ["--ntasks=3"],
+                       ["--config", "configs/generate.yaml", f"model.name_or_path={smollm2_dir}",
+                        f"generate.max_new_tokens={new}", "comm.timeout_s=60", f"run.output_dir={out}"])
+    info = slurm.wait(job, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _tail(log)
+    summary = json.loads((out / "generate_summary.json").read_text())
+    assert summary["sequences"] == 6 and summary["clients"] == 2 and summary["servers"] == 1
+    got = read_generations(out, 2)
+    from transformers import AutoTokenizer
+
+    from fedsea_hpc.model.loading import resolve_model
+
+    msgs = [json.loads(line)["messages"] for line in (REPO / "configs/prompts/chat.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = resolve_model(str(smollm2_dir), tiny_vocab_size=0, seed=0).build_model()
+    assert [[r["token_ids"] for r in g] for g in got] == hf_reference(model, tok, msgs, 2, 4, new, chat=True)
+    assert "Paris" in got[0][0]["completion"], got[0][0]
+
+
+def test_a_job_killed_by_its_time_limit_leaves_only_complete_checkpoints_and_resumes(slurm, straight, tmp_path):
+    """``--time=1`` with rank 0 stuck in step 4 (alive, so no save can finish and USR1 cannot
+    help): Slurm sends TERM at the limit and KILL after KillWait. What is left must not pass for
+    a finished run (no summary.json, no adapters) and every ``step-*`` must be complete; an
+    interrupted write is at most a ``.tmp-*``, which the next start clears. A new job with
+    run.resume=auto continues from the newest complete step and ends with the uninterrupted losses."""
+    log, out = tmp_path / "job.out", tmp_path / "out"
+    # USR1@1: the signal (train.sbatch asks for USR1@120) comes at the limit, not before the stall
+    job = slurm.submit("train.sbatch", log, ["--ntasks=4", "--time=1", "--signal=USR1@1",
+                                             "--export=ALL,FEDSEA_REQUEUE=0"],
+                       [*TRAIN, f"run.output_dir={out}", "run.save_every=1", "debug.stall_rank=0",
+                        "debug.stall_step=3", "debug.stall_s=600"])
+    info = slurm.wait(job, log, timeout=300)
+    assert info["JobState"] == "TIMEOUT", (info, _tail(log))
+    deadline = time.monotonic() + 60
+    while _ranks_of(out) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _ranks_of(out) == []
+    assert _metrics_rows(out) == 3, _tail(log)
+    assert not (out / "summary.json").exists() and not (out / "adapters").exists()
+    base = Path(checkpoint.root(str(out)))
+    steps = sorted(p.name for p in base.iterdir() if p.name.startswith("step-"))
+    done = checkpoint.complete(str(out))
+    assert steps and steps == [Path(p).name for _, p in done], sorted(p.name for p in base.iterdir())
+    assert all(p.name.startswith((".tmp-", "step-")) for p in base.iterdir()), sorted(base.iterdir())
+
+    log2 = tmp_path / "again.out"
+    job = slurm.submit("train.sbatch", log2, ["--ntasks=4"],
+                       [*TRAIN, f"run.output_dir={out}", "run.save_every=1", "run.resume=auto"])
+    info = slurm.wait(job, log2)
+    assert info["JobState"] == "COMPLETED", _tail(log2)
+    s = load_summary(out)
+    assert s["checkpoints"]["resumed_at_step"] == done[-1][0]
+    assert s["losses"] == load_summary(straight[1])["losses"]
+    assert not [p for p in base.iterdir() if p.name.startswith(".tmp-")]
