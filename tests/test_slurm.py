@@ -7,10 +7,12 @@ Each test submits with ``sbatch`` from the repository, as a user would, and wait
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -239,3 +241,42 @@ def test_a_job_killed_by_its_time_limit_leaves_only_complete_checkpoints_and_res
     assert s["checkpoints"]["resumed_at_step"] == done[-1][0]
     assert s["losses"] == load_summary(straight[1])["losses"]
     assert not [p for p in base.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_sweep_runs_as_a_job_array_two_at_a_time_and_the_report_runs_after_it(slurm, tmp_path):
+    """``fedsea sweep --slurm --max-parallel 2``: slurm/sweep.sbatch as ``--array=0-4%2`` (one
+    point per task, SLURM_ARRAY_TASK_ID) and slurm/report.sbatch with ``--dependency=afterok``.
+    A point with an invalid config is recorded as failed; its task still succeeds, so the report
+    runs and lists it."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({
+        "config": "configs/default.yaml", "set": {"train.steps": 3, "topology.servers": 1, "comm.timeout_s": 30},
+        "points": [{"topology.clients": 1, "train.mode": "sequential"}, {"topology.clients": 1, "train.mode": "parallel"},
+                   {"topology.clients": 2, "train.mode": "sequential"}, {"topology.clients": 2, "train.mode": "parallel"},
+                   {"topology.clients": 1, "train.lr": -1}]}))
+    out = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "fedsea_hpc", "sweep", "--grid", str(grid), "--out", str(out),
+                        "--slurm", "--max-parallel", "2", "--sbatch-arg=--cpus-per-task=1"],
+                       cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    array, collector = re.search(r"job array (\d+) \(5 points\) and report job (\d+) \(afterok:\1\)", p.stdout).groups()
+    tasks = slurm.cmd("scontrol", "show", "job", "--oneliner", array)
+    assert "ArrayTaskThrottle=2" in tasks, tasks
+    log = out / f"slurm-report-{collector}.out"
+    info = slurm.wait(collector, log, timeout=400)
+    assert info["JobState"] == "COMPLETED", (info, _tail(log), slurm.cmd("scontrol", "show", "job", array))
+    # every task ended before the report started; never more than two points ran at once
+    records = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in slurm.cmd(
+        "scontrol", "show", "job", "--oneliner", array).splitlines() if line.strip()]
+    assert sorted(int(r["ArrayTaskId"]) for r in records) == list(range(5))
+    assert all(r["JobState"] == "COMPLETED" for r in records), records
+    assert max(r["EndTime"] for r in records) <= info["StartTime"]
+    runs = [json.loads((out / f"points/p00{i}/r0/run.json").read_text()) for i in range(5)]
+    spans = [(r["started"], r["started"] + r["wall_s"]) for r in runs[:4]]
+    assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 2, spans  # %2
+    assert [r["launcher"] for r in runs[:4]] == ["srun"] * 4 and runs[3]["command"][:2] == ["srun", "--ntasks=3"]
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["status"] for t in table] == ["done"] * 4 + ["failed"], table
+    assert table[4]["error"] == "fedsea: error: train.lr: must be > 0, got -1.0"
+    assert (out / "throughput_vs_clients.png").is_file()

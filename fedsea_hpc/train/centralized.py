@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from fedsea_hpc.components import footprint
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically
 from fedsea_hpc.config import Config
@@ -54,4 +55,5 @@ def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dic
     wall = time.perf_counter() - t_start
     save_atomically(os.path.join(cfg.run.output_dir, "adapters", "centralized"), lambda d: save_adapter(model, d))
     return log.finish(wall, extra={"truncated_sequences": sum(d.truncated_sequences for d in datas),
-                                   "truncated_tokens": sum(d.truncated_tokens for d in datas)})
+                                   "truncated_tokens": sum(d.truncated_tokens for d in datas)}
+                            | footprint.local_report(device, footprint.part_bytes(model, params, opt)))

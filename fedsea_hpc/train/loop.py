@@ -19,7 +19,7 @@ from fedsea_hpc.adapt.emulate import Emulator, emulation_report
 from fedsea_hpc.adapt.memory import static_memory
 from fedsea_hpc.adapt.rebalance import Rebalancer
 from fedsea_hpc.adapt.probe import probe_bytes, probe_client, probe_server
-from fedsea_hpc.components import checkpoint
+from fedsea_hpc.components import checkpoint, footprint
 from fedsea_hpc.components.checkpoint import Resume
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
@@ -220,7 +220,13 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
                       | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish()
-                      | _checkpoint_report(saves, saver, resume, load_s) | {"setup_s": round(setup_s, 3)})
+                      | _checkpoint_report(saves, saver, resume, load_s) | {"setup_s": round(setup_s, 3)}
+                      | footprint.world_report(topo, device, _part_bytes(topo, worker)))
+
+
+def _part_bytes(topo: Topology, worker) -> dict:
+    opt = worker.opt if topo.role is Role.CLIENT else worker.engine.optimizer
+    return footprint.part_bytes(worker.model, worker.params, opt)
 
 
 def _slowest(seconds: float, device: torch.device) -> float:

@@ -1,0 +1,1 @@
+"""Scaling studies: grids of runs (``fedsea sweep``), their collection (``fedsea report``)."""
