@@ -154,11 +154,14 @@ def test_scancel_of_a_running_job_ends_every_rank(slurm, tmp_path):
     assert not (out / "summary.json").exists()
 
 
-def test_usr1_saves_requeues_and_the_resumed_job_ends_with_the_uninterrupted_losses(slurm, straight, tmp_path):
-    """What ``#SBATCH --signal=USR1@120`` delivers before the time limit, sent now with
-    ``scancel --signal=USR1`` (the same signal to the same processes, the job's step tasks; Slurm's
-    own timing of it has a resolution of up to a minute): the ranks save at the next step
-    boundary and exit 75, slurm/job.sh requeues the job, the requeued job resumes (run.resume=auto)."""
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_a_signal_saves_requeues_and_the_resumed_job_ends_with_the_uninterrupted_losses(slurm, straight, tmp_path,
+                                                                                         sig):
+    """USR1: what ``#SBATCH --signal=USR1@120`` delivers before the time limit; TERM: what a
+    preemption delivers to the step's tasks. Sent now with ``scancel --signal`` (the same signal to
+    the same processes; Slurm's own timing of USR1 has a resolution of up to a minute): the ranks
+    save at the next step boundary and exit 75, slurm/job.sh requeues the job, the requeued job
+    resumes (run.resume=auto)."""
     _, _, ref = straight
     log, out = tmp_path / "job.out", tmp_path / "out"
     job = slurm.submit("train.sbatch", log, ["--ntasks=4"],
@@ -168,7 +171,7 @@ def test_usr1_saves_requeues_and_the_resumed_job_ends_with_the_uninterrupted_los
     while _metrics_rows(out) < 2:  # rank 0 now sleeps at the start of step 3
         assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), _tail(log)
         time.sleep(0.5)
-    slurm.cmd("scancel", "--signal=USR1", job)
+    slurm.cmd("scancel", f"--signal={sig}", job)
     info = slurm.wait(job, log, until={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
     text = log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
