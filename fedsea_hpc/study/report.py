@@ -215,6 +215,19 @@ def markdown(rows: list[dict], machine: dict, commands: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _save(fig, ax, path: Path, ylabel: str, title: str) -> str:
+    """Label, write and close one figure; its file name."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def plots(rows: list[dict], out: Path) -> list[str]:
     """throughput vs clients per other-axes group; stacked phases per point; memory per role."""
     import matplotlib
@@ -239,13 +252,8 @@ def plots(rows: list[dict], out: Path) -> list[str]:
                         yerr=[r["tokens_per_s_std"] for r in members], marker="o", capsize=3, label=label)
         ax.set_xticks(sorted({r["axes"][key] for r in ok if r["axes"].get(key) is not None}))
         ax.set_xlabel("clients")
-        ax.set_ylabel("tokens/s (after warm-up)")
-        ax.legend(fontsize=7)
-        ax.set_title("Throughput vs clients")
-        fig.tight_layout()
-        fig.savefig(out / "throughput_vs_clients.png", dpi=120)
-        plt.close(fig)
-        made.append("throughput_vs_clients.png")
+        made.append(_save(fig, ax, out / "throughput_vs_clients.png", "tokens/s (after warm-up)",
+                          "Throughput vs clients"))
     # Phases are each the max over ranks, and a client's wait is a server's compute: stacking
     # them all would count the same seconds twice. One bar per side, the step time marked.
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ok)), 4))
@@ -263,13 +271,8 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     ax.scatter(range(len(ok)), [r["step_time_s_mean"] for r in ok], marker="_", s=400, color="black",
                label="step time", zorder=3)
     ax.set_xticks(range(len(ok)), [r["point"].rsplit("/", 1)[-1] for r in ok], rotation=45, fontsize=7)
-    ax.set_ylabel("seconds per step (each phase: max over ranks)")
-    ax.set_title("Per-phase time per point (left bar: clients, right: servers)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "phases.png", dpi=120)
-    plt.close(fig)
-    made.append("phases.png")
+    made.append(_save(fig, ax, out / "phases.png", "seconds per step (each phase: max over ranks)",
+                      "Per-phase time per point (left bar: clients, right: servers)"))
     roles = sorted({k for r in ok for k in r.get("memory", {})})
     if roles:
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(ok)), 4))
@@ -279,13 +282,7 @@ def plots(rows: list[dict], out: Path) -> list[str]:
                    width=width, label=role)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(ok))], [r["point"].rsplit("/", 1)[-1] for r in ok],
                       rotation=45, fontsize=7)
-        ax.set_ylabel("peak MiB per rank")
-        ax.set_title("Peak memory per role")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "memory.png", dpi=120)
-        plt.close(fig)
-        made.append("memory.png")
+        made.append(_save(fig, ax, out / "memory.png", "peak MiB per rank", "Peak memory per role"))
     return made
 
 
