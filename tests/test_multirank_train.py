@@ -138,7 +138,8 @@ def test_default_config_loss_goes_down(runs):
 
 
 def _expected_bytes_per_step(out: Path, steps: int) -> list[dict]:
-    """Per step, from the data alone: what client c must send/receive for its [B_c, T_c] batch."""
+    """Per step, from the data alone: what client c must send/receive for its batch: its real
+    tokens only (sum of its lengths), never the padding of its [B_c, T_c] batch."""
     from fedsea_hpc.config import load_config
     from fedsea_hpc.data.dataset import ClientData
     from fedsea_hpc.data.tokenizer import load_tokenizer
@@ -151,8 +152,9 @@ def _expected_bytes_per_step(out: Path, steps: int) -> list[dict]:
     rows = []
     for _ in range(steps):
         batches = [next(s) for s in streams]
-        # h_A up + h_B down (float32), and the same two shapes for the gradients.
-        hidden = sum(2 * b.input_ids.shape[0] * b.input_ids.shape[1] * h * 4 for b in batches)
+        # h_A up + h_B down (float32, real tokens), and the same two shapes for the gradients.
+        hidden = sum(2 * int(b.lengths.sum()) * h * 4 for b in batches)
+        assert any(int(b.lengths.sum()) < b.input_ids.numel() for b in batches)  # padding to leave out
         samples = sum(b.input_ids.shape[0] for b in batches)
         rows.append({"activation": hidden, "gradient": hidden, "lengths": 8 * samples, "control": 0,
                      # per client: lengths, h_A, h_B, dL/dh_B, dL/dh_A

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from conftest import with_free_port
 from fedsea_hpc.transport.p2p import ByteCounter, Channel, PeerLostError
-from fedsea_hpc.transport.wire import HEADER_BYTES, HEADER_LEN, Kind, WireError
+from fedsea_hpc.transport.wire import HEADER_BYTES, HEADER_LEN, Expect, Kind, WireError
 
 TIMEOUT_S = 10.0
 SHORT_TIMEOUT_S = 0.5
@@ -162,6 +162,49 @@ def test_corrupt_header_raises_wire_error(results):
     _check(results, "corrupt_header")
 
 
+# ----------------------------------------------------------------------------- pre-posted payloads
+
+
+PREPOSTED_KEY = "p2p_test_preposted_send_done"
+
+
+def _preposted_body(rank: int) -> None:
+    """An exact expectation posts the payload receive with the header receive.
+
+    Proof that it did: rank 1 posts its receive, then does not wait on it until rank 0 says its
+    send has completed. Gloo moves a payload only into a posted receive, so rank 0's send can
+    complete only if the payload buffer was posted before the header was read."""
+    store = dist.distributed_c10d._get_default_store()
+    ch = Channel(1 - rank, counter=ByteCounter(), max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S)
+    for i, (kind, shape, dtype) in enumerate(CASES):  # a scalar and an empty tensor among them
+        if rank == 0:
+            store.wait([f"{PREPOSTED_KEY}_posted{i}"], timedelta(seconds=STORE_WAIT_S))
+            ch.isend(kind, _make(i, shape, dtype, 0), step=i).wait()  # header and payload handed off
+            store.set(f"{PREPOSTED_KEY}{i}", "1")
+        else:
+            expect = Expect(dtype, tuple(shape))
+            assert expect.nbytes() == torch.empty(shape, dtype=dtype).nbytes
+            handle = ch.irecv(kind, step=i, expect=expect)
+            store.set(f"{PREPOSTED_KEY}_posted{i}", "1")
+            store.wait([f"{PREPOSTED_KEY}{i}"], timedelta(seconds=STORE_WAIT_S))
+            assert torch.equal(handle.wait(), _make(i, shape, dtype, 0)), i
+    # A header that disagrees with the expectation is refused even though its bytes would fit
+    # the pre-posted buffer (same size, other shape). The channel is out of step afterwards, as
+    # after any WireError, so this runs on a group of its own.
+    side = Channel(1 - rank, counter=ByteCounter(), max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S,
+                   group=dist.new_group([0, 1]))
+    if rank == 0:
+        side.send(Kind.GRADIENT, torch.zeros(3, 2), step=7)
+    else:
+        with pytest.raises(WireError, match=r"bad header from rank 0: gradient: dim 0 of shape \[3, 2\] is 3, expected 2"):
+            side.recv_gradient(step=7, expect=Expect(torch.float32, (2, 3)))
+
+
+@pytest.mark.multirank
+def test_exact_expectation_preposts_the_payload_and_still_validates_the_header(results):
+    _check(results, "preposted")
+
+
 # ----------------------------------------------------------------------------- peer loss
 
 
@@ -211,6 +254,7 @@ def test_silent_then_dead_peer_raises_peer_lost_error(results):
 SCENARIOS = {
     "round_trip": _round_trip_body,
     "corrupt_header": _corrupt_header_body,
+    "preposted": _preposted_body,
     "dead_peer": _dead_peer_body,
 }
 

@@ -6,12 +6,15 @@ import torch
 from fedsea_hpc.transport.wire import (
     HEADER_LEN,
     MAGIC,
+    Expect,
     Kind,
     WireError,
     bytes_to_tensor,
     decode_header,
     encode_header,
+    pack_tokens,
     tensor_to_bytes,
+    unpack_tokens,
 )
 
 DTYPES = [
@@ -141,3 +144,33 @@ def test_tensor_to_bytes_is_a_view_when_contiguous_and_handles_odd_inputs():
     assert bytes_to_tensor(tensor_to_bytes(empty), meta).shape == (0, 7)
     with pytest.raises(WireError, match="does not hold"):
         bytes_to_tensor(torch.zeros(3, dtype=torch.uint8), meta)
+
+
+def test_exact_expectation_knows_its_payload_size_and_a_range_does_not():
+    assert Expect(torch.float32, (3, 64)).nbytes() == 3 * 64 * 4
+    assert Expect(torch.bfloat16, ()).nbytes() == 2  # a scalar
+    assert Expect(torch.float32, (0, 64)).nbytes() == 0
+    assert Expect(torch.int64, ((1, 8),)).nbytes() is None
+
+
+def test_packing_keeps_real_tokens_only_and_unpacking_restores_them():
+    # Prepare: right-padded rows of 3, 1 and 4 real tokens; pads hold junk that must not travel.
+    lengths = torch.tensor([3, 1, 4])
+    h = torch.randn(3, 4, 5)
+    # Execute
+    packed = pack_tokens(h, lengths)
+    back = unpack_tokens(packed, lengths, 4)
+    # Assert: row by row, in position order; pads come back as zeros; a longer T pads further.
+    assert packed.shape == (8, 5)
+    assert torch.equal(packed, torch.cat([h[0, :3], h[1, :1], h[2, :4]]))
+    real = torch.arange(4) < lengths.unsqueeze(1)
+    assert torch.equal(back[real], h[real]) and not back[~real].any()
+    assert torch.equal(unpack_tokens(packed, lengths, 6)[:, :4], back)
+    assert not pack_tokens(h.requires_grad_(True), lengths).requires_grad
+
+
+def test_packing_refuses_shapes_the_lengths_do_not_describe():
+    with pytest.raises(WireError, match="cannot pack"):
+        pack_tokens(torch.zeros(2, 4, 5), torch.tensor([1, 2, 3]))
+    with pytest.raises(WireError, match="the lengths hold 3 tokens"):
+        unpack_tokens(torch.zeros(4, 5), torch.tensor([1, 2]), 4)

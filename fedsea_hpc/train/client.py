@@ -1,8 +1,9 @@
 """A client rank: Part A (embedding + first blocks) and Part C (last blocks, norm, head, loss).
 
 Token ids, embeddings and labels stay here. Per step the client sends the server the per-sample
-lengths and noised ``h_A`` [B, T, H], receives ``h_B`` [B, T, H], computes the loss, returns
-``dL/dh_B`` and finally receives ``dL/dh_A`` to finish its own backward pass.
+lengths and noised ``h_A`` (its real tokens, ``[sum(lengths), H]``), receives ``h_B`` (same
+tokens), computes the loss, returns ``dL/dh_B`` and finally receives ``dL/dh_A`` to finish its
+own backward pass.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import build_part, client_layers, client_union_layers, loss_sum
 from fedsea_hpc.privacy.secure_agg import SecureSum, agree_keys
 from fedsea_hpc.transport.p2p import ByteCounter
-from fedsea_hpc.transport.wire import Expect
+from fedsea_hpc.transport.wire import Expect, Kind, pack_tokens, unpack_tokens
 
 
 class ClientWorker:
@@ -152,36 +153,47 @@ class ClientWorker:
     def run_step(self, batch, step: int, loss_norm: float, times: dict) -> float:
         """Forward + backward of one micro-batch through A → server → C → server → A.
 
-        The loss is ``sum of token losses / loss_norm``; returns the (unnormalised) loss sum.
+        Only real tokens cross: h_A, h_B and both gradients travel packed as ``[sum(lengths), H]``
+        (:func:`~fedsea_hpc.transport.wire.pack_tokens`). Each receive is posted before the send
+        it answers, with its exact shape, so every hop takes one round trip; the lengths go out
+        first and their exchange overlaps Part A's forward. The loss is ``sum of token losses /
+        loss_norm``; returns the (unnormalised) loss sum.
         """
-        emu = self.emu
+        emu, link, lengths = self.emu, self.link, batch.lengths
         t0 = time.perf_counter()
+        sent_lengths = link.isend(Kind.LENGTHS, lengths.to(torch.int64), step)
         with SavedBytes() as saved_a:  # activation memory, for split.client_memory_mb (adapt.memory)
             h0 = self.part.embed(batch.input_ids)
-            ctx = self.part.context(h0, batch.lengths)  # right-padded, from lengths alone
+            ctx = self.part.context(h0, lengths)  # right-padded, from lengths alone
             h_a = self.part.run_layers(h0, self.head_ids, ctx)
         emu.stretch(time.perf_counter() - t0, times)
         t_a = time.perf_counter()
-        self.link.send_lengths(batch.lengths, step)
-        self.link.send_activation(h_a, step)  # noised copy; h_a keeps its clean graph
-        emu.message(batch.lengths, h_a, times=times)
+        t = h_a.shape[1]
+        packed_a = pack_tokens(h_a, lengths)
+        mine = Expect(h_a.dtype, tuple(packed_a.shape))  # h_B and both gradients: the same tokens
+        reply = link.irecv(Kind.ACTIVATION, step, mine)
+        link.send_activation(packed_a, step)  # noised copy; h_a keeps its clean graph
+        sent_lengths.wait()
+        emu.message(lengths, packed_a, times=times)
         t1 = time.perf_counter()
-        mine = Expect(h_a.dtype, tuple(h_a.shape))  # h_B and dL/dh_A have exactly h_A's shape
-        h_b = self.link.recv_activation(step, mine).requires_grad_(True)
-        emu.message(h_b, times=times)
+        packed_b = reply.wait()
+        emu.message(packed_b, times=times)
         t2 = time.perf_counter()
+        h_b = unpack_tokens(packed_b, lengths, t).requires_grad_(True)
         with SavedBytes() as saved_c:
             out = self.part.run_layers(h_b, self.tail_ids, ctx)
             total = loss_sum(self.part.head_logits(out), batch.labels)
         (total / loss_norm).backward()
         emu.stretch(time.perf_counter() - t2, times)
-        self.link.send_gradient(h_b.grad, step)
-        emu.message(h_b.grad, times=times)
+        reply = link.irecv(Kind.GRADIENT, step, mine)
+        grad_b = pack_tokens(h_b.grad, lengths)
+        link.send_gradient(grad_b, step)
+        emu.message(grad_b, times=times)
         t3 = time.perf_counter()
-        g_a = self.link.recv_gradient(step, mine)
+        g_a = reply.wait()
         emu.message(g_a, times=times)
         t4 = time.perf_counter()
-        h_a.backward(g_a.to(h_a.dtype))
+        h_a.backward(unpack_tokens(g_a.to(h_a.dtype), lengths, t))
         emu.stretch(time.perf_counter() - t4, times)
         t5 = time.perf_counter()
         times["client_compute_s"] += (t1 - t0) + (t3 - t2) + (t5 - t4)  # emulated stretch and link included

@@ -1,9 +1,9 @@
 """A server rank: Part B (the middle blocks) under DeepSpeed, serving a fixed set of clients.
 
 All server ranks form one DeepSpeed data-parallel group (ZeRO 0-3). Per round a server rank
-receives ``h_A`` from each client it serves this round, stacks them into one client-batch
-[ΣB, T_max, H], runs one forward, returns each client its slice, then runs one backward from
-the clients' ``dL/dh_B``. ZeRO needs every server rank to make the same calls each round, so a
+receives ``h_A`` from each client it serves this round (real tokens only, packed), unpacks them
+into one right-padded client-batch [ΣB, T_max, H], runs one forward, returns each client its
+tokens, then runs one backward from the clients' ``dL/dh_B``. ZeRO needs every server rank to make the same calls each round, so a
 rank with no client this round (sequential mode) runs a single dummy row whose output gradient
 is zero: it touches every layer and joins every collective, and adds nothing to the gradient.
 When the split points move (:mod:`fedsea_hpc.adapt.rebalance`), :meth:`ServerWorker.repartition`
@@ -25,7 +25,7 @@ from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.partition import ServerSpans, build_part
 from fedsea_hpc.transport.p2p import ByteCounter
-from fedsea_hpc.transport.wire import Expect, check_lengths
+from fedsea_hpc.transport.wire import Expect, Kind, check_lengths, pack_tokens, unpack_tokens
 
 
 class ServerWorker:
@@ -122,49 +122,60 @@ class ServerWorker:
         same on every server rank, so a client that changes server brings no state with it."""
         self.links = server_links(self.topo, self._comm, self._counter, self.device)
 
-    def _recv_inputs(self, c: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Client ``c``'s lengths [B] and h_A [B, T, H], each checked before it is allocated."""
-        link = self.links[c]
-        lengths = link.recv_lengths(step, self.expect_lengths)
-        h = link.recv_activation(step, Expect(self.dtype, (len(lengths), (1, self.max_tokens), self.hidden)))
-        check_lengths(lengths, h.shape[1], link.peer)
-        return lengths, h
+    def _recv_inputs(self, clients: list[int], step: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(c, lengths [B], packed h_A [sum(lengths), H])`` per client, each checked before it is
+        used. Every client's lengths receive is posted first; as each arrives, that client's
+        activation receive is posted with its exact shape, so the payload flows at once."""
+        pending = {c: self.links[c].irecv(Kind.LENGTHS, step, self.expect_lengths) for c in clients}
+        acts = {}
+        for c in clients:
+            lengths = pending[c].wait()
+            check_lengths(lengths, self.max_tokens, self.links[c].peer)
+            acts[c] = (lengths, self.links[c].irecv(Kind.ACTIVATION, step,
+                                                    Expect(self.dtype, (int(lengths.sum()), self.hidden))))
+        return [(c, lengths, h.wait()) for c, (lengths, h) in acts.items()]
 
     def serve(self, clients: list[int], step: int, times: dict) -> None:
-        """One forward/backward round for ``clients`` (possibly empty: a dummy round)."""
+        """One forward/backward round for ``clients`` (possibly empty: a dummy round).
+
+        Clients send only their real tokens; they are unpacked into one right-padded
+        client-batch [sum B, T_max, H] here, and each reply and gradient goes back packed."""
         t0 = time.perf_counter()
-        recv = [(c, *self._recv_inputs(c, step)) for c in clients]
+        recv = self._recv_inputs(clients, step)
         if step < self.dump_steps:
             self._dump(step, {f"client{c}_lengths": n for c, n, _ in recv} | {f"client{c}_activation": h for c, _, h in recv})
         t1 = time.perf_counter()
         if recv:
-            t_max = max(h.shape[1] for _, _, h in recv)
-            x = torch.cat([_pad_time(h, t_max) for _, _, h in recv])
-            lengths = torch.cat([n for _, n, _ in recv])
+            lengths = torch.cat([n for _, n, _ in recv]).to(self.device)
+            t_max = int(lengths.max())
+            x = unpack_tokens(torch.cat([h for _, _, h in recv]), lengths, t_max)
             owners = [c for c, n, _ in recv for _ in range(len(n))]
         else:
             x = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
             lengths, owners = torch.ones(1, dtype=torch.long, device=self.device), []
         x = x.to(self.dtype).requires_grad_(True)
         out = self.engine(x, lengths, self.spans.active_rows(owners, self.device))
-        rows = [h.shape[0] for _, _, h in recv]  # each client's slice of the client-batch
-        for (c, _, h), o in zip(recv, out.detach().split(rows) if recv else ()):
-            self.links[c].send_activation(o[:, :h.shape[1]], step)
+        tokens = [h.shape[0] for _, _, h in recv]  # each client's share of the packed tokens
+        grads_in = {}
+        for (c, _, h), o in zip(recv, pack_tokens(out, lengths).split(tokens) if recv else ()):
+            grads_in[c] = self.links[c].irecv(Kind.GRADIENT, step, Expect(self.dtype, tuple(h.shape)))
+            self.links[c].send_activation(o, step)
         t2 = time.perf_counter()
         grads = []
         for c, _, h in recv:
-            g = self.links[c].recv_gradient(step, Expect(self.dtype, tuple(h.shape)))
+            g = grads_in[c].wait()
             if step < self.dump_steps:
                 self._dump(step, {f"client{c}_gradient": g})
-            grads.append(_pad_time(g.to(out.dtype), out.shape[1]))
-        grad = torch.cat(grads) if grads else torch.zeros_like(out)  # dummy round: zero gradient
+            grads.append(g.to(out.dtype))
+        # dummy round: zero gradient
+        grad = unpack_tokens(torch.cat(grads), lengths, out.shape[1]) if grads else torch.zeros_like(out)
         t3 = time.perf_counter()
         # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
         # is already a global sum, so scale by the group size to keep the sum. dL/dh_A is not
         # averaged by anyone: undo the factor before it goes back (exact for a power of two).
         self.engine.backward((out * grad).sum() * self.topo.servers)
-        for (c, _, h), g in zip(recv, x.grad.split(rows) if recv else ()):
-            self.links[c].send_gradient(g[:, :h.shape[1]] / self.topo.servers, step)
+        for (c, _, h), g in zip(recv, pack_tokens(x.grad, lengths).split(tokens) if recv else ()):
+            self.links[c].send_gradient(g / self.topo.servers, step)
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
@@ -186,7 +197,3 @@ class ServerWorker:
         self.engine.step()
         times["optim_s"] += time.perf_counter() - t0
 
-
-def _pad_time(h: torch.Tensor, t: int) -> torch.Tensor:
-    """Right-pad [B, T, H] with zeros to [B, t, H] (padded positions are masked by the lengths)."""
-    return torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[1]))

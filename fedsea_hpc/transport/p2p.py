@@ -9,6 +9,16 @@ into a ``PeerLostError`` instead of a hang.
 Ordering contract: messages on one channel are delivered in the order they were posted, no tags
 are used (NCCL ignores them, and a mismatched kind is then caught by header validation instead of
 deadlocking on gloo). At most one receive may be outstanding per channel.
+
+One round trip per message, not two: gloo (and NCCL) only move a payload once its receive is
+posted, so a receiver that posts the payload only after reading the header pays a header ->
+"ready" -> payload exchange on every hop (~5 ms per send on an oversubscribed CPU). Where the
+receiver knows the exact shape already (an ``Expect`` with every dim exact: a reply has its
+request's shape, packed activations have ``sum(lengths)`` rows), ``irecv`` posts the payload
+buffer together with the header, so both flow as soon as the sender posts them. The header is
+still validated before the payload is used; a header that disagrees with the expectation is a
+``WireError`` and the pre-posted buffer (sized by the receiver, never by the peer) is dropped
+with the channel.
 """
 
 from __future__ import annotations
@@ -113,12 +123,14 @@ class SendHandle:
 
 
 class RecvHandle:
-    """A posted header receive; ``wait`` validates it, receives the payload and returns it."""
+    """A posted header receive (and, for an exact expectation, the payload receive with it);
+    ``wait`` validates the header, completes the payload and returns it."""
 
     def __init__(self, channel: Channel, kind: Kind, step: int, header: torch.Tensor, work,
-                 expect: Expect | None = None):
+                 expect: Expect | None = None, payload: tuple[torch.Tensor, object] | None = None):
         self._channel, self._kind, self._step, self._expect = channel, kind, step, expect
         self._header, self._work = header, work
+        self._payload = payload  # (buffer, work) posted with the header, or None
         self._result: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
@@ -188,16 +200,25 @@ class Channel:
         return SendHandle(self, kind, step, works, (header, payload), payload.numel())
 
     def irecv(self, kind: Kind, step: int, expect: Expect | None = None) -> RecvHandle:
-        """Post the header receive for the next message, expected to be ``kind`` at ``step``
-        (and to meet ``expect``, checked before the payload buffer is allocated)."""
+        """Post the receive for the next message, expected to be ``kind`` at ``step`` (and to
+        meet ``expect``, checked on the header before the payload is used).
+
+        With an exact ``expect`` (every dim an int) the payload buffer is allocated by this side
+        and posted at once, so the message takes one round trip; otherwise it is allocated after
+        the header is validated."""
         kind = Kind(kind)
         if self._recv_pending:
             # A second header irecv would be matched with the first message's payload bytes.
             raise RuntimeError(f"{self!r}: wait on the pending receive before posting another")
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         work = self._post(dist.irecv, header, f"{kind.name} header", step)
+        payload = None
+        nbytes = expect.nbytes() if expect is not None else None
+        if nbytes is not None and 0 < nbytes <= self.max_bytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            payload = (buf, self._post(dist.irecv, buf, kind.name, step))
         self._recv_pending = True
-        return RecvHandle(self, kind, step, header, work, expect)
+        return RecvHandle(self, kind, step, header, work, expect, payload)
 
     def _finish_recv(self, h: RecvHandle) -> torch.Tensor:
         try:
@@ -212,10 +233,14 @@ class Channel:
                 expect=h._expect,
                 peer=self.peer,
             )
-            buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=self.device)
-            if meta.nbytes:
-                work = self._post(dist.irecv, buf, h._kind.name, h._step)
+            if h._payload is not None:  # posted with the header; the expectation fixed its size
+                buf, work = h._payload
                 self._wait(work, h._kind.name, h._step)
+            else:
+                buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=self.device)
+                if meta.nbytes:
+                    work = self._post(dist.irecv, buf, h._kind.name, h._step)
+                    self._wait(work, h._kind.name, h._step)
         finally:
             self._recv_pending = False
         self.counter.add("recv", meta.kind, meta.nbytes)

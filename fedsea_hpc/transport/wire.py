@@ -112,6 +112,13 @@ class Expect:
                 return f"dim {i} of shape {list(shape)} is {d}, expected {lo if lo == hi else f'{lo}..{hi}'}"
         return None
 
+    def nbytes(self) -> int | None:
+        """Payload size when every dim is exact (the receiver can post its buffer before the
+        header arrives), else None."""
+        if not all(isinstance(d, int) for d in self.dims):
+            return None
+        return math.prod(self.dims) * self.dtype.itemsize
+
     def __str__(self) -> str:
         dims = ", ".join(str(d) if isinstance(d, int) else f"{d[0]}..{d[1]}" for d in self.dims)
         return f"{str(self.dtype).removeprefix('torch.')}[{dims}]"
@@ -233,3 +240,30 @@ def check_lengths(lengths: torch.Tensor, seq_len: int, peer: int) -> None:
     describe); raises ``WireError`` naming ``peer``."""
     if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
         raise WireError(f"bad lengths from rank {peer}: {lengths.tolist()[:8]} not all within 1..{seq_len}")
+
+
+def _real(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[B, seq_len]`` bool: True on the real tokens of right-padded rows of ``lengths``."""
+    return torch.arange(seq_len, device=lengths.device).unsqueeze(0) < lengths.to(torch.int64).unsqueeze(1)
+
+
+def pack_tokens(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Hidden states ``[B, T, H]`` of right-padded rows -> ``[sum(lengths), H]``, the real tokens
+    only (row by row, in position order): what crosses the wire, so padding never does.
+
+    Detached; the receiver restores the batch shape with :func:`unpack_tokens` and the lengths
+    it received before."""
+    if h.dim() != 3 or lengths.shape != (h.shape[0],):
+        raise WireError(f"cannot pack {list(h.shape)} by lengths of shape {list(lengths.shape)}")
+    return h.detach()[_real(lengths.to(h.device), h.shape[1])]
+
+
+def unpack_tokens(packed: torch.Tensor, lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Inverse of :func:`pack_tokens`: ``[sum(lengths), H]`` -> ``[B, seq_len, H]`` with zeros on
+    the pads (masked out of attention and loss, so their value never reaches a real token)."""
+    n = int(lengths.sum())
+    if packed.dim() != 2 or packed.shape[0] != n:
+        raise WireError(f"cannot unpack {list(packed.shape)}: the lengths hold {n} tokens")
+    out = packed.new_zeros(len(lengths), seq_len, packed.shape[1])
+    out[_real(lengths.to(packed.device), seq_len)] = packed
+    return out
