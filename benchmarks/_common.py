@@ -27,8 +27,10 @@ def ensure_smollm2() -> None:
 
 
 def mpiexec() -> str:
-    cand = Path(sys.executable).parent / "mpiexec"
-    return str(cand) if cand.exists() else (shutil.which("mpiexec") or "mpiexec")
+    """The launcher the sweeps use (the venv's ``mpiexec``, else PATH's; a clear error if none)."""
+    from fedsea_hpc.study.sweep import find_mpiexec
+
+    return find_mpiexec()
 
 
 def split_threads(clients: int, servers: int) -> dict:

@@ -40,6 +40,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 from fedsea_hpc.config import ConfigError
+from fedsea_hpc.config.load import flat_keys
 
 ROOT = "checkpoints"
 MARKER = "COMPLETE"
@@ -186,9 +187,9 @@ def check_resume(res: Resume, cfg, launch_rank: int) -> Resume:
                               f"run with train.steps={cfg.train.steps}; raise train.steps or start fresh "
                               f"(run.resume=off)")
     if launch_rank == 0:
-        changed = sorted(k for k, v in _flat(cfg.to_dict()).items()
+        changed = sorted(k for k, v in flat_keys(cfg.to_dict()).items()
                          if not k.startswith(("run.", "debug.")) and k != "train.steps"
-                         and _flat(meta["config"]).get(k, v) != v)
+                         and flat_keys(meta["config"]).get(k, v) != v)
         if changed:
             say(f"fedsea: warning: resuming {res.path} with changed keys: {', '.join(changed)}")
         if sources != list(range(n)):
@@ -196,16 +197,6 @@ def check_resume(res: Resume, cfg, launch_rank: int) -> Resume:
             say(f"fedsea: resuming {res.path} with clients {sources} of its {n}"
                 + (f"; client(s) {left} left: their client-side state is dropped" if left else ""))
     return replace(res, sources=tuple(sources))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "extra":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def size_bytes(path: str) -> int:

@@ -10,13 +10,11 @@ from tqdm import tqdm
 
 from fedsea_hpc.config import RunConfig, TrainConfig
 from fedsea_hpc.components.outputs import write_json
+from fedsea_hpc.components.phases import PHASES  # noqa: F401  (re-exported: the loops import it from here)
 from fedsea_hpc.transport.wire import Kind
 
-# Per-step phase times (seconds, max over ranks): what each role spent computing and waiting.
 # Byte counters reported per step: payload per message kind, then the fixed-size headers.
 BYTE_KEYS = tuple(k.name for k in Kind) + ("header",)
-PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients_s", "sync_s", "optim_s",
-          "emulated_compute_s", "emulated_link_s")  # the last two: EMULATION (fedsea_hpc.adapt.emulate), 0 when off
 
 
 class MetricsLog:

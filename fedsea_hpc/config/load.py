@@ -85,6 +85,13 @@ def _apply(cfg: Config, tree: dict, source: str) -> None:
             setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
+def flat_keys(tree: dict) -> dict:
+    """A config tree ``{section: {key: value}}`` as dotted keys ``{"section.key": value}``; values
+    below a section (``deepspeed.extra``'s dict included) are kept whole."""
+    return {f"{s}.{k}" if isinstance(sec, dict) else s: v
+            for s, sec in tree.items() for k, v in (sec.items() if isinstance(sec, dict) else [(s, sec)])}
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``["train.steps=5", "peft.target_modules=[q_proj]"]`` → nested dict (values parsed as YAML)."""
     tree: dict = {}

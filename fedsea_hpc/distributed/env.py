@@ -48,7 +48,8 @@ def say(line: str) -> None:
     os.write(2, (line.rstrip("\n") + "\n").encode())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,11 +69,11 @@ def setup_torch_env(info: LaunchInfo) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if "MASTER_PORT" not in os.environ:
         if info.world_size == 1:
-            port = _free_port()
+            port = free_port()
         elif info.launcher in ("openmpi", "pmi"):
             from mpi4py import MPI  # imported only under an MPI launcher: it initialises MPI
 
-            port = MPI.COMM_WORLD.bcast(_free_port() if info.rank == 0 else None, root=0)
+            port = MPI.COMM_WORLD.bcast(free_port() if info.rank == 0 else None, root=0)
         else:
             raise RuntimeError("MASTER_PORT is not set and no MPI launcher is present to agree on one; "
                                "export MASTER_ADDR and MASTER_PORT")

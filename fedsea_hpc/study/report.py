@@ -22,24 +22,14 @@ from pathlib import Path
 import yaml
 
 from fedsea_hpc.components.outputs import write_json, write_text_atomically
+from fedsea_hpc.components.phases import PHASES
+from fedsea_hpc.config.load import flat_keys
 from fedsea_hpc.study.machine import machine_info
 
-PHASES = ("client_compute_s", "wait_server_s", "server_compute_s", "wait_clients_s", "sync_s", "optim_s",
-          "emulated_compute_s", "emulated_link_s")
 CLIENT_SIDE = ("client_compute_s", "wait_server_s", "sync_s", "optim_s", "emulated_compute_s", "emulated_link_s")
 SERVER_SIDE = ("server_compute_s", "wait_clients_s", "optim_s")
 WARMUP = 2
 MiB = 2**20
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and prefix == "":
-            out.update(_flat(v, f"{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _runs_of(d: Path) -> list[tuple[str, list[Path], list[dict]]]:
@@ -77,7 +67,7 @@ def run_stats(r: Path) -> dict:
         "mode": summary.get("mode"),
     }
     cfg = r / "config.yaml"
-    out["config"] = _flat(yaml.safe_load(cfg.read_text()) or {}) if cfg.is_file() else {}
+    out["config"] = flat_keys(yaml.safe_load(cfg.read_text()) or {}) if cfg.is_file() else {}
     return out
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from fedsea_hpc.components.outputs import write_json
 from fedsea_hpc.config import ConfigError, load_config
+from fedsea_hpc.distributed.env import free_port
 from fedsea_hpc.study import grid as grids
 from fedsea_hpc.study.machine import machine_info
 
@@ -51,13 +51,8 @@ def ranks_of(grid: grids.Grid, point: grids.Point) -> int:
     return load_config(grid.config, point.args()).world_size()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _mpiexec() -> str:
+def find_mpiexec() -> str:
+    """The ``mpiexec`` beside this Python (the venv's), else the one on PATH."""
     cand = Path(sys.executable).parent / "mpiexec"
     found = str(cand) if cand.exists() else shutil.which("mpiexec")
     if not found:
@@ -80,7 +75,7 @@ def command(grid: grids.Grid, point: grids.Point, ranks: int, out_dir: Path, lau
         return ["srun", f"--ntasks={ranks}", "--kill-on-bad-exit=1", *job]
     if ranks == 1:
         return job
-    mpi = _mpiexec()
+    mpi = find_mpiexec()
     ompi = "open mpi" in subprocess.run([mpi, "--version"], capture_output=True, text=True).stdout.lower()
     return [mpi, *(["--allow-run-as-root", "--oversubscribe"] if ompi else []), "-n", str(ranks), *job]
 
@@ -120,7 +115,7 @@ def run_point(grid: grids.Grid, point: grids.Point, repeat: int, out: str, launc
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     if launcher == "srun":  # every run of an array task gets its own rendezvous port
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
     else:
         env.pop("MASTER_PORT", None)
     rec["command"] = cmd
