@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, check_ok, fedsea_command, load_metrics, load_summary, run_fedsea, subprocess_env
-from fedsea_hpc.components import checkpoint
+from fedsea_hpc.components import checkpoint, saving
 from fedsea_hpc.config import load_config
 from fedsea_hpc.config.validate import shipped_data_files
 from fedsea_hpc.distributed import liveness
@@ -357,7 +357,7 @@ def test_a_snapshot_does_not_see_later_changes_and_keeps_the_containers():
     w = torch.zeros(4)
     state = {"w": w, "view": w[1:3], "opt": collections.OrderedDict(m=[torch.ones(2), (torch.ones(1), 3)]),
              "d": collections.defaultdict(list, a=[torch.ones(1)]), "n": 5, "s": "x"}
-    snap = checkpoint.snapshot(state)
+    snap = saving.snapshot(state)
     w += 1
     state["opt"]["m"][0].mul_(7)
     assert torch.equal(snap["w"], torch.zeros(4)) and torch.equal(snap["opt"]["m"][0], torch.ones(2))
@@ -369,7 +369,7 @@ def test_a_snapshot_does_not_see_later_changes_and_keeps_the_containers():
 def test_the_writer_notes_sizes_and_crcs_and_keeps_its_first_error(tmp_path):
     import torch
 
-    wr = checkpoint.Writer()
+    wr = saving.Writer()
     where = (str(tmp_path), 4)
     t = torch.arange(10.0)
     wr.save({"t": t}, str(tmp_path / "a" / "x.pt"), where)

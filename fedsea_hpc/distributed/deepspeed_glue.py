@@ -147,7 +147,7 @@ def save_checkpoint_snapshot(engine, save_dir: str, tag: str, hand_over) -> None
     """``engine.save_checkpoint(save_dir, tag)`` as DeepSpeed has it (its collectives, file names
     and contents, frozen base weights left out), except that each state dict goes to
     ``hand_over(state_dict, path)`` instead of ``torch.save``: the caller snapshots it and writes
-    it in the background (``components.checkpoint.Writer``). Collective over the engine's group."""
+    it in the background (``components.saving.Writer``). Collective over the engine's group."""
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     class HandOver(CheckpointEngine):

@@ -19,7 +19,7 @@ from fedsea_hpc.adapt.emulate import Emulator, emulation_report
 from fedsea_hpc.adapt.memory import static_memory
 from fedsea_hpc.adapt.rebalance import Rebalancer
 from fedsea_hpc.adapt.probe import probe_bytes, probe_client, probe_server
-from fedsea_hpc.components import checkpoint, footprint
+from fedsea_hpc.components import checkpoint, footprint, saving
 from fedsea_hpc.components.checkpoint import Resume
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
@@ -40,7 +40,7 @@ PREEMPTED = "preempted"  # train_split's answer when a signal stopped it (the ra
 def _fault_injection(cfg: Config, rank: int, step: int) -> None:
     """debug.fail_rank / fail_step (only in a launcher's first attempt, ``FEDSEA_ATTEMPT`` unset
     or 0, so that a restarted job gets past the fault as after a real one) and debug.stall_*."""
-    if cfg.debug.fail_rank == rank and cfg.debug.fail_step == step and checkpoint.first_attempt():
+    if cfg.debug.fail_rank == rank and cfg.debug.fail_step == step and saving.first_attempt():
         print(f"[rank {rank}] debug.fail_rank: exiting abruptly at step {step}", flush=True)
         os._exit(3)
     if cfg.debug.stall_rank == rank and cfg.debug.stall_step == step:
@@ -78,7 +78,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                               start=checkpoint.consolidated_start(resume, topo.servers, cfg.deepspeed.zero_stage))
     log = MetricsLog(cfg.run, cfg.train, enabled=topo.rank == 0,
                      rows=list(resume.rows) if resume is not None else None)
-    saver = checkpoint.Saver(cfg, topo)
+    saver = saving.Saver(cfg, topo)
     parallel = cfg.train.mode == "parallel"
     avg_every = cfg.federated.avg_every
     fedsgd = parallel and avg_every == 1
@@ -235,7 +235,7 @@ def _slowest(seconds: float, device: torch.device) -> float:
     return float(t)
 
 
-def _checkpoint_report(saves: list[dict], saver: checkpoint.Saver, resume: Resume | None,
+def _checkpoint_report(saves: list[dict], saver: saving.Saver, resume: Resume | None,
                        load_s: float | None) -> dict:
     """summary.json's ``checkpoints``: what this launch saved (step, the stall, when it was
     complete, bytes) and loaded."""

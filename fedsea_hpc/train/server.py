@@ -3,9 +3,10 @@
 All server ranks form one DeepSpeed data-parallel group (ZeRO 0-3). Per round a server rank
 receives ``h_A`` from each client it serves this round (real tokens only, packed), unpacks them
 into one right-padded client-batch [ΣB, T_max, H], runs one forward, returns each client its
-tokens, then runs one backward from the clients' ``dL/dh_B``. ZeRO needs every server rank to make the same calls each round, so a
-rank with no client this round (sequential mode) runs a single dummy row whose output gradient
-is zero: it touches every layer and joins every collective, and adds nothing to the gradient.
+tokens, then runs one backward from the clients' ``dL/dh_B``. ZeRO needs every server rank to
+make the same calls each round, so a rank with no client this round (sequential mode) runs a
+single dummy row whose output gradient is zero: it touches every layer and joins every
+collective, and adds nothing to the gradient.
 When the split points move (:mod:`fedsea_hpc.adapt.rebalance`), :meth:`ServerWorker.repartition`
 rebuilds the engine over the new block set with every block's trained state.
 """
@@ -167,8 +168,8 @@ class ServerWorker:
             if step < self.dump_steps:
                 self._dump(step, {f"client{c}_gradient": g})
             grads.append(g.to(out.dtype))
-        # dummy round: zero gradient
-        grad = unpack_tokens(torch.cat(grads), lengths, out.shape[1]) if grads else torch.zeros_like(out)
+        grad = (unpack_tokens(torch.cat(grads), lengths, out.shape[1]) if grads
+                else torch.zeros_like(out))  # a dummy round: zero gradient
         t3 = time.perf_counter()
         # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
         # is already a global sum, so scale by the group size to keep the sum. dL/dh_A is not
