@@ -74,11 +74,11 @@ def minimum_bytes(overrides: list[str], steps: int) -> dict:
         tokens.append(sum(b.num_loss_tokens for b in batches))
         samples.append(sum(b.input_ids.shape[0] for b in batches))
         lengths_bytes.append(sum(b.input_ids.shape[0] * 8 for b in batches))  # int64 [B_c]
-    per_step = [4 * x * hidden * itemsize for x in bt]
+    padded = [4 * x * hidden * itemsize for x in bt]
     return {"hidden_size": hidden, "itemsize": itemsize, "sum_BT_per_step": bt,
-            "sum_lengths_per_step": real,  # what a padding-free (packed/ragged) wire would carry
-            "unpadded_min_bytes_per_step": [4 * x * hidden * itemsize for x in real], "tokens_per_step": tokens,
-            "samples_per_step": samples, "min_bytes_per_step": per_step,
+            "sum_lengths_per_step": real,  # the tokens the wire carries (packed, no padding)
+            "min_bytes_per_step": [4 * x * hidden * itemsize for x in real], "tokens_per_step": tokens,
+            "samples_per_step": samples, "padded_min_bytes_per_step": padded,
             "lengths_bytes_per_step": lengths_bytes, "train_files": cfg.data.train_files}
 
 
@@ -143,8 +143,8 @@ def run_model(name: str, args, run_root: Path) -> dict:
     recon_ok = (p["tokens_total"] == sum(mins["tokens_per_step"]) == c["tokens_total"]
                 and p["samples_total"] == sum(mins["samples_per_step"]))
     kinds = p["bytes_sent_by_kind"]
-    min_total = sum(mins["unpadded_min_bytes_per_step"])
-    padded_total = sum(mins["min_bytes_per_step"])
+    min_total = sum(mins["min_bytes_per_step"])
+    padded_total = sum(mins["padded_min_bytes_per_step"])
     act_grad = kinds["activation"] + kinds["gradient"]
     out["result"] = {
         "split_ms_per_step": p["mean_step_time_s"] * 1e3,
@@ -157,7 +157,7 @@ def run_model(name: str, args, run_root: Path) -> dict:
         / out["runs"]["centralized"]["median_step_time_s"],
         "wire_bytes_per_step": p["bytes_sent_total"] / steps,
         "wire_bytes_per_step_by_kind": {k: v / steps for k, v in kinds.items()},
-        "min_bytes_per_step": min_total / steps,  # unpadded: real tokens only
+        "min_bytes_per_step": min_total / steps,  # real tokens only
         "padded_min_bytes_per_step": padded_total / steps,
         "bytes_ratio": p["bytes_sent_total"] / min_total,
         "bytes_ratio_vs_padded_min": p["bytes_sent_total"] / padded_total,
