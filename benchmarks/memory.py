@@ -64,7 +64,7 @@ def client_share(config_kwargs: dict | None, config_dir: str | None, p: int, q: 
     if cfg.tie_word_embeddings:
         sizes.pop("lm_head.weight", None)  # one tensor, counted once
     keys = part_keys(cfg, client_layers(cfg.num_hidden_layers, p, q), embed=True, head=True, all_keys=sizes)
-    client = sum(sizes[k] for k in keys if k in sizes)
+    client = sum(sizes[k] for k in keys)
     total = sum(sizes.values())
     return {"p": p, "q": q, "client_params": client, "total_params": total, "client_fraction": client / total}
 

@@ -17,12 +17,12 @@ Layout under ``run.output_dir/checkpoints/``::
         parts/rank<r>.json            size and CRC-32 of the files rank r wrote
         COMPLETE                      written last: step, byte size and CRC-32 of every file
 
-A save fills ``.tmp-step-XXXXXXXX``: at the step boundary every rank snapshots its state into
-memory (training waits only for that) and a background writer (:class:`fedsea_hpc.components.saving.Writer`) writes its files there,
-noting each file's size and CRC-32 in ``parts/rank<r>.json``. When every rank is done (a slot
-of the step's maxima all-reduce says so), rank 0 writes ``COMPLETE`` and renames the directory
-into place: a ``step-*``
-directory is complete by construction, and an interrupted save leaves only a ``.tmp-*`` that
+A save (:mod:`fedsea_hpc.components.saving`) fills ``.tmp-step-XXXXXXXX``: at the step
+boundary every rank snapshots its state into memory (training waits only for that) and a
+background writer writes its files there, noting each file's size and CRC-32 in
+``parts/rank<r>.json``. When every rank is done (a slot of the step's maxima all-reduce says
+so), rank 0 writes ``COMPLETE`` and renames the directory into place: a ``step-*`` directory
+is complete by construction, and an interrupted save leaves only a ``.tmp-*`` that
 the next launch removes. A save that cannot write (a full disk, a quota) stops the job with one
 line naming the directory; the previous checkpoint is untouched. Older complete checkpoints
 beyond ``run.keep_checkpoints`` are deleted only after the new one is in place. The secure-aggregation keys are not saved: they are agreed
