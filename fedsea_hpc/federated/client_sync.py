@@ -60,6 +60,12 @@ class ClientSync:
         held = {where[0] for n in own if (where := split_layer_name(n))}
         self.held_layers = [li for li, layer in enumerate(self.union_layers) if layer in held]
 
+    def nbytes(self) -> int:
+        """Bytes of the flat vector one sum moves (values, then weights; float32 or wider)."""
+        dtype = torch.promote_types(next(iter(self.own.values())).dtype, torch.float32)
+        n = sum(s.numel() for _, s, _ in self.slots) + len(self.union_layers) + 2
+        return n * torch.empty(0, dtype=dtype).element_size()
+
     def _reduce(self, tensors: dict[str, torch.Tensor], weight: float, average: bool) -> None:
         # A bad weight on one client must fail every client alike, never leave the others in a
         # collective: the check rides in the same buffer as the values ([union layers, shared, bad]).

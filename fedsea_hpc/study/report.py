@@ -78,8 +78,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def collect(dirs: list[Path]) -> list[dict]:
-    """One row per point, in sweep order."""
+def collect(dirs: list[Path], project: dict | None = None) -> list[dict]:
+    """One row per point, in sweep order. ``project``: also replay each run's trace for one
+    device per rank (:mod:`fedsea_hpc.study.project`; keys ``latency_us``, ``gbps``)."""
     rows = []
     for d in dirs:
         for name, runs, recs in _runs_of(d):
@@ -101,12 +102,34 @@ def collect(dirs: list[Path]) -> list[dict]:
                 row["phases"] = {p: statistics.fmean(s["phases"][p] for s in stats) for p in PHASES}
                 row["memory"] = _peak_memory([s["memory"] for s in stats])
                 row["emulated"] = any(s["emulated"] for s in stats)
+                if project is not None:
+                    _project(row, done, project)
             else:
                 row["config"] = {k: v for k, v in row["overrides"].items()}
             rows.append(row)
     _fill_axes(rows)
     _efficiency(rows)
     return rows
+
+
+def _project(row: dict, runs: list[Path], link: dict) -> None:
+    """``projected_step_s_mean/std`` (PROJECTION) over the point's traced runs; a run that
+    could not be projected is named, with why, in ``projection_note``."""
+    from fedsea_hpc.study.project import ProjectionError, project_run
+
+    values, missing = [], []
+    for r in runs:
+        if not (r / "trace.json").is_file():
+            missing.append(f"{r.name} (no trace.json: run it with run.trace=true)")
+            continue
+        try:
+            values.append(project_run(r, link.get("latency_us"), link.get("gbps"))["projected_mean_step_s"])
+        except ProjectionError as e:
+            missing.append(f"{r.name} ({e})")
+    if values:
+        row["projected_step_s_mean"], row["projected_step_s_std"] = _mean_std(values)
+    if missing:
+        row["projection_note"] = "not projected: " + ", ".join(missing)
 
 
 def _peak_memory(mems: list[dict]) -> dict:
@@ -157,7 +180,8 @@ def csv_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
     roles = sorted({k for r in rows for k in r.get("memory", {})})
     head = (["point", "status", *axes, "ranks", "repeats_done", "step_time_s_mean", "step_time_s_std",
              "tokens_per_s_mean", "tokens_per_s_std", "bytes_per_step", *[f"phase_{p}" for p in PHASES],
-             *[f"peak_mem_{role}_bytes" for role in roles], "efficiency", "final_loss", "emulated", "error"])
+             *[f"peak_mem_{role}_bytes" for role in roles], "efficiency", "final_loss", "emulated", "error",
+             "projected_step_s_mean", "projected_step_s_std"])
     body = []
     for r in rows:
         body.append([r["point"], r["status"], *[r["axes"].get(a) for a in axes], r["ranks"], r["done"],
@@ -165,7 +189,8 @@ def csv_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
                      r.get("tokens_per_s_std"), r.get("bytes_per_step"),
                      *[r.get("phases", {}).get(p) for p in PHASES],
                      *[r.get("memory", {}).get(role) for role in roles], r.get("efficiency"), r.get("final_loss"),
-                     r.get("emulated", False), r.get("error")])
+                     r.get("emulated", False), r.get("error"), r.get("projected_step_s_mean"),
+                     r.get("projected_step_s_std")])
     return head, body
 
 
@@ -173,9 +198,11 @@ def markdown(rows: list[dict], machine: dict, commands: list[list[str]]) -> str:
     axes = list(dict.fromkeys(k for r in rows for k in r["axes"]))
     roles = sorted({k for r in rows for k in r.get("memory", {})})
     cpus = machine.get("cpus") or 0
-    lines = ["| point | " + " | ".join(f"`{a}`" for a in axes) + " | ranks | step s (mean ± std) | tokens/s | "
+    projected = any(r.get("projected_step_s_mean") is not None for r in rows)
+    lines = ["| point | " + " | ".join(f"`{a}`" for a in axes) + " | ranks | step s (mean ± std) | "
+             + ("PROJECTED step s, one device per rank | " if projected else "") + "tokens/s | "
              "MiB/step | " + " | ".join(f"peak {r} MiB" for r in roles) + " | efficiency | status |",
-             "|" + "---|" * (len(axes) + 7 + len(roles))]
+             "|" + "---|" * (len(axes) + 7 + len(roles) + projected)]
     for r in rows:
         step = (f"{r['step_time_s_mean']:.3f} ± {r['step_time_s_std']:.3f}" if r.get("step_time_s_mean") is not None
                 else "")
@@ -185,12 +212,14 @@ def markdown(rows: list[dict], machine: dict, commands: list[list[str]]) -> str:
         if r["ranks"] and cpus and r["ranks"] > cpus:
             label += f" (oversubscribed: {r['ranks']} ranks on {cpus} cores)"
         lines.append(f"| {r['point']} | " + " | ".join(_fmt(r["axes"].get(a), "g") for a in axes)
-                     + f" | {_fmt(r['ranks'], 'd')} | {step} | {tps} | "
+                     + f" | {_fmt(r['ranks'], 'd')} | {step} | "
+                     + (f"{_fmt(r.get('projected_step_s_mean'))} | " if projected else "") + f"{tps} | "
                      + _fmt(r["bytes_per_step"] / MiB if r.get("bytes_per_step") is not None else None, ".2f")
                      + " | " + " | ".join(_fmt(r["memory"].get(role, 0) / MiB, ".0f") if r.get("memory") else ""
                                           for role in roles)
                      + f" | {_fmt(r.get('efficiency'), '.2f')} | {label} |")
     errors = [f"- {r['point']}: {r['error']}" for r in rows if r.get("error")]
+    notes = [f"- {r['point']}: {r['projection_note']}" for r in rows if r.get("projection_note")]
     libs = ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items() if v)
     out = ["# Results", "",
            f"Measured on {machine.get('host')}: {machine.get('cpus')} CPUs, {machine.get('memory_gib')} GiB, "
@@ -198,6 +227,10 @@ def markdown(rows: list[dict], machine: dict, commands: list[list[str]]) -> str:
            "Step time and tokens/s: steps after the first two (warm-up); mean ± std over repeats. "
            "Ranks share the machine's cores: more ranks than cores is oversubscribed, not what one device "
            "per rank would give.", "", *lines]
+    if projected or notes:
+        out += ["", "PROJECTED: a replay of each traced run's steps with one device per rank (fedsea report "
+                "--project; fedsea_hpc/study/project.py, link model in each run's projection.json), not a "
+                "measurement.", *notes]
     if errors:
         out += ["", "## Failed runs", "", *errors]
     if commands:
@@ -276,8 +309,10 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     return made
 
 
-def report(dirs: list[str], out: str | None = None) -> dict:
-    """Write results.csv, results.md, results.json and the plots into ``out`` (default: the first dir)."""
+def report(dirs: list[str], out: str | None = None, project: dict | None = None) -> dict:
+    """Write results.csv, results.md, results.json and the plots into ``out`` (default: the first
+    dir); with ``project`` (``{"latency_us": .., "gbps": ..}``, either None) a PROJECTION per
+    traced run too (``projection.json`` beside its trace, a column of the tables)."""
     paths = [Path(d) for d in dirs]
     for p in paths:
         if not p.is_dir():
@@ -286,7 +321,7 @@ def report(dirs: list[str], out: str | None = None) -> dict:
             raise GridError(f"report: no such directory {str(p)!r}")
     dest = Path(out) if out else paths[0]
     dest.mkdir(parents=True, exist_ok=True)
-    rows = collect(paths)
+    rows = collect(paths, project)
     machine, commands = machine_info(), []
     for p in paths:
         if (p / "sweep.json").is_file():

@@ -13,7 +13,8 @@ import torch
 
 from fedsea_hpc.components import footprint
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
-from fedsea_hpc.components.outputs import save_atomically
+from fedsea_hpc.components.outputs import save_atomically, write_text_atomically
+from fedsea_hpc.trace import OPTIM, STEP, TRACE, assemble, span, to_json
 from fedsea_hpc.config import Config
 from fedsea_hpc.data.dataset import ClientData, concat_batches
 from fedsea_hpc.model.adapters import save_adapter
@@ -34,18 +35,23 @@ def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dic
              for c in range(cfg.topology.clients)]
     streams = [d.batches(cfg.train.micro_batch_size) for d in datas]
     log = MetricsLog(cfg.run, cfg.train, enabled=True)
+    if cfg.run.trace:
+        TRACE.begin(0, "centralized", torch.get_num_threads())
     t_start = time.perf_counter()
     for step in range(cfg.train.steps):
-        t0 = time.perf_counter()
+        t0, stamp = time.perf_counter(), TRACE.stamp()
         batch = concat_batches([next(s) for s in streams], tokenizer.pad_token_id).to(device)
         mask = lengths_to_mask(batch.lengths, batch.input_ids.shape[1], "right")
-        logits = model(input_ids=batch.input_ids, attention_mask=mask).logits
-        total = loss_sum(logits, batch.labels)
-        (total / max(batch.num_loss_tokens, 1)).backward()
+        with span("forward+loss+backward (whole model)"):
+            logits = model(input_ids=batch.input_ids, attention_mask=mask).logits
+            total = loss_sum(logits, batch.labels)
+            (total / max(batch.num_loss_tokens, 1)).backward()
         t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with span("optimizer step (AdamW)", OPTIM):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
+        TRACE.close(stamp, f"step {step + 1}", STEP, step=step + 1)
         times = dict.fromkeys(PHASES, 0.0)
         times["client_compute_s"], times["optim_s"] = t1 - t0, t2 - t1
         sums = torch.tensor([float(total.detach()), float(batch.num_loss_tokens), float(batch.input_ids.shape[0])]
@@ -54,6 +60,13 @@ def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dic
         log.step(step, sums, maxima)
     wall = time.perf_counter() - t_start
     save_atomically(os.path.join(cfg.run.output_dir, "adapters", "centralized"), lambda d: save_adapter(model, d))
+    if cfg.run.trace:
+        from fedsea_hpc.study.machine import machine_info
+
+        path = os.path.join(cfg.run.output_dir, "trace.json")
+        meta = {"job": "train", "config": cfg.to_dict(), "machine": machine_info()}
+        write_text_atomically(path, to_json(assemble([TRACE.end()], meta)))
+        print(f"trace: {path} (open in https://ui.perfetto.dev or chrome://tracing)", flush=True)
     return log.finish(wall, extra={"truncated_sequences": sum(d.truncated_sequences for d in datas),
                                    "truncated_tokens": sum(d.truncated_tokens for d in datas)}
                             | footprint.local_report(device, footprint.part_bytes(model, params, opt)))

@@ -16,6 +16,7 @@ from fedsea_hpc.adapt import migrate
 from fedsea_hpc.adapt.emulate import Emulator
 from fedsea_hpc.adapt.memory import SavedBytes
 from fedsea_hpc.components.links import client_link, relink_client
+from fedsea_hpc.trace import OPTIM, TRACE, span
 from fedsea_hpc.config import CommConfig, PeftConfig, PrivacyConfig, TrainConfig
 from fedsea_hpc.data.dataset import ClientData
 from fedsea_hpc.distributed.topology import Topology
@@ -162,7 +163,7 @@ class ClientWorker:
         emu, link, lengths = self.emu, self.link, batch.lengths
         t0 = time.perf_counter()
         sent_lengths = link.isend(Kind.LENGTHS, lengths.to(torch.int64), step)
-        with SavedBytes() as saved_a:  # activation memory, for split.client_memory_mb (adapt.memory)
+        with SavedBytes() as saved_a, span("A forward"):  # saved: for split.client_memory_mb (adapt.memory)
             h0 = self.part.embed(batch.input_ids)
             ctx = self.part.context(h0, lengths)  # right-padded, from lengths alone
             h_a = self.part.run_layers(h0, self.head_ids, ctx)
@@ -180,10 +181,11 @@ class ClientWorker:
         emu.message(packed_b, times=times)
         t2 = time.perf_counter()
         h_b = unpack_tokens(packed_b, lengths, t).requires_grad_(True)
-        with SavedBytes() as saved_c:
-            out = self.part.run_layers(h_b, self.tail_ids, ctx)
-            total = loss_sum(self.part.head_logits(out), batch.labels)
-        (total / loss_norm).backward()
+        with span("C forward+loss+backward"):
+            with SavedBytes() as saved_c:
+                out = self.part.run_layers(h_b, self.tail_ids, ctx)
+                total = loss_sum(self.part.head_logits(out), batch.labels)
+            (total / loss_norm).backward()
         emu.stretch(time.perf_counter() - t2, times)
         reply = link.irecv(Kind.GRADIENT, step, mine)
         grad_b = pack_tokens(h_b.grad, lengths)
@@ -193,7 +195,8 @@ class ClientWorker:
         g_a = reply.wait()
         emu.message(g_a, times=times)
         t4 = time.perf_counter()
-        h_a.backward(unpack_tokens(g_a.to(h_a.dtype), lengths, t))
+        with span("A backward"):
+            h_a.backward(unpack_tokens(g_a.to(h_a.dtype), lengths, t))
         emu.stretch(time.perf_counter() - t4, times)
         t5 = time.perf_counter()
         times["client_compute_s"] += (t1 - t0) + (t3 - t2) + (t5 - t4)  # emulated stretch and link included
@@ -207,15 +210,17 @@ class ClientWorker:
         """Sum gradients over clients (FedSGD) or rescale them to a local mean, then step."""
         t0 = time.perf_counter()
         if fedsgd:
-            self.sync.sum_grads()
+            with TRACE.collective("FedSGD gradient sum", self.topo.client_ranks, self.sync.nbytes()):
+                self.sync.sum_grads()
         elif grad_scale != 1.0:
             for _, p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(grad_scale)
         self._dump_aggregation()
         t1 = time.perf_counter()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with span("optimizer step (AdamW, parts A+C)", OPTIM):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         self.emu.stretch(time.perf_counter() - t1, times)
         times["sync_s"] += t1 - t0
         times["optim_s"] += time.perf_counter() - t1
@@ -223,7 +228,8 @@ class ClientWorker:
     def fedavg(self, times: dict) -> None:
         """Sample-weighted average of the client-side trainable parameters."""
         t0 = time.perf_counter()
-        self.sync.average_params(self.samples_since_avg)
+        with TRACE.collective("FedAvg", self.topo.client_ranks, self.sync.nbytes()):
+            self.sync.average_params(self.samples_since_avg)
         self._dump_aggregation()
         self.samples_since_avg = 0
         times["sync_s"] += time.perf_counter() - t0

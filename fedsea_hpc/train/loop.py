@@ -23,12 +23,13 @@ from fedsea_hpc.components import checkpoint, footprint, saving
 from fedsea_hpc.components.checkpoint import Resume
 from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
-from fedsea_hpc.components.outputs import save_atomically, write_json
+from fedsea_hpc.components.outputs import save_atomically, write_json, write_text_atomically
 from fedsea_hpc.config import Config
 from fedsea_hpc.distributed.env import say, store_barrier
 from fedsea_hpc.distributed.process import StopRequest
 from fedsea_hpc.distributed.topology import Role, Topology
 from fedsea_hpc.model.adapters import PARTITION_FILE, save_adapter
+from fedsea_hpc.trace import OTHER, STEP, TRACE, gather
 from fedsea_hpc.train.client import ClientWorker
 from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect
@@ -114,13 +115,17 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         say(f"set-up {setup_s:.1f} s (slowest rank: imports, model, DeepSpeed, probes{', resume' if resume else ''}); "
             f"training steps {start + 1}..{cfg.train.steps}")
     log.start()
+    if cfg.run.trace:  # t = 0 of the trace on every rank (fedsea_hpc.trace)
+        dist.barrier()
+        TRACE.begin(topo.rank, _role_label(topo), torch.get_num_threads())
+    world = list(range(topo.world_size))
     t_start = time.perf_counter()
     for step in range(start, cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
         if rebalancer.due(step):
             new, rec = rebalancer.decide(step, costs, topo.rank, device)
             if new is not None:
-                t_move = time.perf_counter()
+                t_move, moving = time.perf_counter(), TRACE.stamp()
                 if list(new[0]) != rebalancer.splits:
                     worker.repartition(new[0], rows)
                 if list(new[1]) != topo.assignment:  # a client changes server: only the links move
@@ -129,13 +134,14 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                     server_rank_of = [topo.server_of(c) for c in range(topo.clients)]
                 dist.barrier()  # migrate_s covers the slowest rank's rebuild (the server's engine)
                 rebalancer.follow(new)
+                TRACE.close(moving, "repartition (split.rebalance)", OTHER, step=step + 1)
                 if topo.rank == 0:
                     note["rebalance"] = rebalancer.applied(rec, new, time.perf_counter() - t_move)
             elif topo.rank == 0:
                 note["rebalance_decision"] = rec
         times = dict.fromkeys(PHASES, 0.0)
         sent_before = counter.totals()["sent"]
-        t0 = time.perf_counter()
+        t0, stamp = time.perf_counter(), TRACE.stamp()
         loss_sum = n_tok = samples = 0.0
         if topo.role is Role.CLIENT:
             batch = worker.next_batch()
@@ -143,7 +149,8 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             samples = batch.input_ids.shape[0]
             if parallel:
                 tok = torch.tensor([float(n_local)], device=device)
-                dist.all_reduce(tok, group=topo.client_group)
+                with TRACE.collective("loss tokens all-reduce (clients)", topo.client_ranks, 4):
+                    dist.all_reduce(tok, group=topo.client_group)
                 norm = max(tok.item(), 1.0)
             else:  # sequential: wait for our turn, then a purely local step
                 worker.link.recv_control(step, Expect(torch.int64, (1,)))
@@ -181,17 +188,20 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             per_client[worker.index], per_client[topo.clients + worker.index] = loss_sum, n_tok
         base = 3 + len(BYTE_KEYS)
         sums = torch.cat([sums, per_client, meter.slot_vector(device=device)])  # the cost model rides on this reduce
-        dist.all_reduce(sums)
+        with TRACE.collective("metrics all-reduce (sum)", world, sums.numel() * 8):
+            dist.all_reduce(sums)
         costs = job_costs(sums[base + 2 * topo.clients:].cpu(), topo.clients, server_rank_of, bytes_per_row_token)
         loss_c, tok_c = sums[base:base + topo.clients].tolist(), sums[base + topo.clients:base + 2 * topo.clients].tolist()
         note["client_loss"] = [ls / max(t, 1.0) for ls, t in zip(loss_c, tok_c)]
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
         maxima = torch.tensor([step_time] + [times[p] for p in PHASES] + [saver.busy(), stop.requested],
                               dtype=torch.float64, device=device)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # last slots: is any rank still writing a checkpoint,
+        with TRACE.collective("metrics all-reduce (max)", world, maxima.numel() * 8):
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # last slots: is any rank still writing a checkpoint,
         stopping = bool(maxima[-1] > 0)  # did any rank get SIGTERM/SIGUSR1?
         saver.boundary(step + 1, anyone_busy=bool(maxima[-2] > 0))
         maxima = maxima[:-2]
+        TRACE.close(stamp, f"step {step + 1}", STEP, step=step + 1)
         if topo.rank == 0 and (measured := rebalancer.observe(step, float(maxima[0]))):
             note["rebalance_measured"] = measured
         log.step(step, sums[:base].cpu(), maxima.cpu(), costs=costs, extra=note)
@@ -211,17 +221,36 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
                     say(f"fedsea: stopped on a signal after step {step + 1} of {cfg.train.steps}; "
                         f"continue with run.resume=auto (or run.resume={path})")
                 stop.restore()
+                _write_trace(cfg, topo)
                 dist.barrier()
                 return PREEMPTED
     saver.finish(cfg.train.steps)  # the last checkpoint's files written and published
     wall = time.perf_counter() - t_start
     _save_outputs(cfg, topo, worker)
+    _write_trace(cfg, topo)
     dist.barrier()
     return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
                       | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish()
                       | _checkpoint_report(saves, saver, resume, load_s) | {"setup_s": round(setup_s, 3)}
                       | footprint.world_report(topo, device, _part_bytes(topo, worker)))
+
+
+def _role_label(topo: Topology) -> str:
+    return f"client {topo.client_index}" if topo.role is Role.CLIENT else f"server {topo.server_index}"
+
+
+def _write_trace(cfg: Config, topo: Topology) -> None:
+    """run.trace: every rank's events into run.output_dir/trace.json (collective over the world)."""
+    if not cfg.run.trace:
+        return
+    path = os.path.join(cfg.run.output_dir, "trace.json")
+    from fedsea_hpc.study.machine import machine_info
+
+    text = gather(topo.rank, {"job": "train", "config": cfg.to_dict(), "machine": machine_info()})
+    if topo.rank == 0:
+        write_text_atomically(path, text)
+        say(f"trace: {path} (open in https://ui.perfetto.dev or chrome://tracing)")
 
 
 def _part_bytes(topo: Topology, worker) -> dict:

@@ -20,6 +20,7 @@ import torch
 from fedsea_hpc.adapt import migrate
 from fedsea_hpc.components.engine import server_engine
 from fedsea_hpc.components.links import server_links
+from fedsea_hpc.trace import OPTIM, span
 from fedsea_hpc.config import CommConfig, DeepSpeedConfig, PeftConfig, TrainConfig
 from fedsea_hpc.distributed.deepspeed_glue import full_state, load_optimizer_state, save_checkpoint_snapshot
 from fedsea_hpc.distributed.topology import Topology
@@ -155,7 +156,8 @@ class ServerWorker:
             x = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
             lengths, owners = torch.ones(1, dtype=torch.long, device=self.device), []
         x = x.to(self.dtype).requires_grad_(True)
-        out = self.engine(x, lengths, self.spans.active_rows(owners, self.device))
+        with span("B forward (DeepSpeed engine)"):
+            out = self.engine(x, lengths, self.spans.active_rows(owners, self.device))
         tokens = [h.shape[0] for _, _, h in recv]  # each client's share of the packed tokens
         grads_in = {}
         for (c, _, h), o in zip(recv, pack_tokens(out, lengths).split(tokens) if recv else ()):
@@ -174,7 +176,8 @@ class ServerWorker:
         # DeepSpeed averages gradients over the server ranks; the loss the clients differentiate
         # is already a global sum, so scale by the group size to keep the sum. dL/dh_A is not
         # averaged by anyone: undo the factor before it goes back (exact for a power of two).
-        self.engine.backward((out * grad).sum() * self.topo.servers)
+        with span("B backward (DeepSpeed engine.backward)"):
+            self.engine.backward((out * grad).sum() * self.topo.servers)
         for (c, _, h), g in zip(recv, pack_tokens(x.grad, lengths).split(tokens) if recv else ()):
             self.links[c].send_gradient(g / self.topo.servers, step)
         t4 = time.perf_counter()
@@ -195,6 +198,7 @@ class ServerWorker:
 
     def optimizer_step(self, times: dict) -> None:
         t0 = time.perf_counter()
-        self.engine.step()
+        with span("DeepSpeed step (part B)", OPTIM):
+            self.engine.step()
         times["optim_s"] += time.perf_counter() - t0
 

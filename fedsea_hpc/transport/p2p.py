@@ -28,6 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.trace import TRACE
 from fedsea_hpc.transport.wire import (
     HEADER_BYTES,
     HEADER_LEN,
@@ -104,9 +105,10 @@ class PeerLostError(RuntimeError):
 class SendHandle:
     """An in-flight send; keeps its buffers alive until ``wait`` returns."""
 
-    def __init__(self, channel: Channel, kind: Kind, step: int, works, buffers, nbytes: int):
+    def __init__(self, channel: Channel, kind: Kind, step: int, works, buffers, nbytes: int, seq: int | None):
         self._channel, self._kind, self._step = channel, kind, step
         self._works, self._buffers, self._nbytes = works, buffers, nbytes
+        self._seq = seq  # its number on the trace (run.trace), None when not tracing
         self._done = False
 
     def wait(self) -> None:
@@ -114,8 +116,9 @@ class SendHandle:
         if self._done:
             return
         what = f"{self._kind.name} send to complete"
-        for work in self._works:
-            self._channel._wait(work, what, self._step)
+        with TRACE.wait("send", self._kind.name, self._channel.peer, self._seq):
+            for work in self._works:
+                self._channel._wait(work, what, self._step)
         self._channel.counter.add("sent", HEADER_KEY, HEADER_BYTES)
         self._channel.counter.add("sent", self._kind, self._nbytes)
         self._buffers = None  # the backend is done with them
@@ -127,16 +130,21 @@ class RecvHandle:
     ``wait`` validates the header, completes the payload and returns it."""
 
     def __init__(self, channel: Channel, kind: Kind, step: int, header: torch.Tensor, work,
-                 expect: Expect | None = None, payload: tuple[torch.Tensor, object] | None = None):
+                 expect: Expect | None = None, payload: tuple[torch.Tensor, object] | None = None,
+                 seq: int | None = None):
         self._channel, self._kind, self._step, self._expect = channel, kind, step, expect
         self._header, self._work = header, work
         self._payload = payload  # (buffer, work) posted with the header, or None
+        self._seq = seq  # its number on the trace (run.trace), None when not tracing
         self._result: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
         """Return the received tensor (shape/dtype from the header, on the channel's device)."""
         if self._result is None:
-            self._result = self._channel._finish_recv(self)
+            with TRACE.wait("recv", self._kind.name, self._channel.peer, self._seq) as ev:
+                self._result = self._channel._finish_recv(self)
+                if ev is not None:
+                    ev["bytes"] = self._result.numel() * self._result.element_size()
         return self._result
 
 
@@ -194,10 +202,12 @@ class Channel:
         header = encode_header(kind, step, tensor).to(self.device)
         payload = tensor_to_bytes(tensor.to(self.device))
         what = f"{kind.name} send to be posted"
-        works = [self._post(dist.isend, header, what, step)]
-        if payload.numel():  # empty tensors are header-only: a 0-byte op is pointless
-            works.append(self._post(dist.isend, payload, what, step))
-        return SendHandle(self, kind, step, works, (header, payload), payload.numel())
+        with TRACE.post("send", kind.name, self.peer, payload.numel()) as ev:
+            works = [self._post(dist.isend, header, what, step)]
+            if payload.numel():  # empty tensors are header-only: a 0-byte op is pointless
+                works.append(self._post(dist.isend, payload, what, step))
+        return SendHandle(self, kind, step, works, (header, payload), payload.numel(),
+                          None if ev is None else ev["seq"])
 
     def irecv(self, kind: Kind, step: int, expect: Expect | None = None) -> RecvHandle:
         """Post the receive for the next message, expected to be ``kind`` at ``step`` (and to
@@ -211,14 +221,16 @@ class Channel:
             # A second header irecv would be matched with the first message's payload bytes.
             raise RuntimeError(f"{self!r}: wait on the pending receive before posting another")
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        work = self._post(dist.irecv, header, f"{kind.name} header", step)
-        payload = None
         nbytes = expect.nbytes() if expect is not None else None
-        if nbytes is not None and 0 < nbytes <= self.max_bytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            payload = (buf, self._post(dist.irecv, buf, kind.name, step))
+        exact = nbytes is not None and 0 < nbytes <= self.max_bytes
+        with TRACE.post("recv", kind.name, self.peer, nbytes if exact else None, exact) as ev:
+            work = self._post(dist.irecv, header, f"{kind.name} header", step)
+            payload = None
+            if exact:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                payload = (buf, self._post(dist.irecv, buf, kind.name, step))
         self._recv_pending = True
-        return RecvHandle(self, kind, step, header, work, expect, payload)
+        return RecvHandle(self, kind, step, header, work, expect, payload, None if ev is None else ev["seq"])
 
     def _finish_recv(self, h: RecvHandle) -> torch.Tensor:
         try:
