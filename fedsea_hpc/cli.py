@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 from fedsea_hpc.study.sweep import LAUNCHERS
 
@@ -127,7 +128,8 @@ def _study(args, argv: list[str]) -> int:
     failed = [r for r in records if r["status"] != "done"]
     if args.point is not None:
         return 0  # recorded either way: an array task succeeds so that the collector runs (afterok)
-    report.report([args.out])
+    traced = any((Path(args.out) / "points").rglob("trace.json"))  # a grid with run.trace: project it too
+    report.report([args.out], project={} if traced else None)
     print(f"[sweep] {len(records) - len(failed)}/{len(records)} runs done; results in "
           f"{os.path.join(args.out, 'results.md')}", flush=True)
     return 1 if failed else 0
@@ -148,15 +150,27 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
             from fedsea_hpc.generate.run import check_inputs
 
             prompts = check_inputs(prepared)
-    except ValueError as e:  # ConfigError, ModelLoadError, DataError: all user-facing
+        devices = store = None
+        if prepared.topo is not None:  # split modes: where this rank computes, agreed before any rank waits
+            from fedsea_hpc.distributed import process
+            from fedsea_hpc.distributed.devices import DeviceError
+
+            problem = None
+            try:
+                devices = process.rank_devices(launch, prepared.topo, cfg)
+            except DeviceError as e:  # a GPU this rank lacks: every rank must hear of it
+                problem = str(e)
+            store = process.rendezvous(launch, cfg.comm)
+            process.preflight(store, launch, problem, cfg.comm.startup_timeout_s)
+    except ValueError as e:  # ConfigError, ModelLoadError, DataError, PreflightError: all user-facing
         say(f"{prefix}fedsea: error: {e}")
         return EXIT_USAGE
     from fedsea_hpc.distributed.process import run_rank
 
-    return run_rank(launch, lambda: _run(prepared, launch, job, prompts))
+    return run_rank(launch, lambda: _run(prepared, launch, job, prompts, devices, store))
 
 
-def _run(job, launch, kind: str, prompts) -> int:
+def _run(job, launch, kind: str, prompts, devices, store) -> int:
     """Start the process group (split modes) and run the job on this rank."""
     import torch
 
@@ -173,15 +187,15 @@ def _run(job, launch, kind: str, prompts) -> int:
 
         train_centralized(cfg, job.source, job.tokenizer, job.dtype)
         return 0
-    device = process.start(launch, job.topo, cfg.comm)
+    process.start(launch, job.topo, cfg.comm, devices, store)
     if kind == "generate":
         from fedsea_hpc.generate.run import generate_split
 
-        generate_split(job, prompts, device)
+        generate_split(job, prompts, devices)
     else:
         from fedsea_hpc.train.loop import PREEMPTED, train_split
 
-        if train_split(cfg, job.topo, job.source, job.tokenizer, job.dtype, device, job.resume) == PREEMPTED:
+        if train_split(cfg, job.topo, job.source, job.tokenizer, job.dtype, devices, job.resume) == PREEMPTED:
             process.stop()
             return process.EXIT_PREEMPTED
     process.stop()

@@ -15,11 +15,13 @@ import resource
 import torch
 import torch.distributed as dist
 
+MEASURES = ("rss", "cuda_max_allocated")
+
 
 def peak_bytes(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"  # Linux: KiB
+        return int(torch.cuda.max_memory_allocated(device)), MEASURES[1]
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, MEASURES[0]  # Linux: KiB
 
 
 def _tensor_bytes(t) -> int:
@@ -51,25 +53,30 @@ def part_bytes(module: torch.nn.Module, trainable: list, optimizer) -> dict:
 FIELDS = ("parameters", "trainable", "optimizer")
 
 
-def world_report(topo, device: torch.device, parts: dict) -> dict:
-    """Every rank: one all-reduce of [peak per rank | part bytes per rank]; the summary entry."""
+def world_report(topo, device: torch.device, wire: torch.device, parts: dict) -> dict:
+    """Every rank: one all-reduce (staged on ``wire``) of [peak per rank | its measure | part bytes
+    per rank]; the summary entry. ``measure`` is one word when every rank measured the same way,
+    else one per role (CPU clients report RSS, GPU servers ``cuda_max_allocated``)."""
     n = topo.world_size
-    v = torch.zeros(n * (1 + len(FIELDS)), dtype=torch.float64, device=device)
+    v = torch.zeros(n * (2 + len(FIELDS)), dtype=torch.float64, device=wire)
     peak, measure = peak_bytes(device)
     v[topo.rank] = peak
+    v[n + topo.rank] = MEASURES.index(measure)
     for i, k in enumerate(FIELDS):
-        v[n + topo.rank * len(FIELDS) + i] = parts[k]
+        v[2 * n + topo.rank * len(FIELDS) + i] = parts[k]
     dist.all_reduce(v)
     per_rank = [int(x) for x in v[:n].tolist()]
-    table = v[n:].view(n, len(FIELDS)).tolist()
+    measures = [MEASURES[int(x)] for x in v[n:2 * n].tolist()]
+    table = v[2 * n:].view(n, len(FIELDS)).tolist()
     clients, servers = topo.client_ranks, topo.server_ranks
     out_parts = {f"client{i}": dict(zip(FIELDS, map(int, table[r]))) for i, r in enumerate(clients)}
     out_parts["server"] = {k: int(sum(table[r][i] for r in servers)) for i, k in enumerate(FIELDS)}
     peak_by_role = {"client": max(per_rank[r] for r in clients)}
     if servers:
         peak_by_role["server"] = max(per_rank[r] for r in servers)
-    return {"memory": {"measure": measure, "peak_bytes": peak_by_role, "per_rank_peak_bytes": per_rank,
-                       "parts": out_parts}}
+    by_role = {"client": measures[clients[0]], **({"server": measures[servers[0]]} if servers else {})}
+    return {"memory": {"measure": measures[0] if len(set(measures)) == 1 else by_role, "peak_bytes": peak_by_role,
+                       "per_rank_peak_bytes": per_rank, "parts": out_parts}}
 
 
 def local_report(device: torch.device, parts: dict) -> dict:

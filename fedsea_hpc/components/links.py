@@ -39,12 +39,15 @@ def noise_generator(noise_seed: int, client: int, device: torch.device) -> torch
 
 
 def client_link(topo: Topology, comm: CommConfig, privacy: PrivacyConfig, counter: ByteCounter,
-                device: torch.device, *, noise: bool = True) -> PrivateSender:
-    """This client's link to its server; ``noise=False`` sends clean activations (generation default)."""
+                device: torch.device, *, noise: bool = True, noise_device: torch.device | None = None) -> PrivateSender:
+    """This client's link to its server, staged on ``device`` (the wire device); the noise is drawn
+    where the activations are (``noise_device``, default ``device``). ``noise=False`` sends clean
+    activations (generation default)."""
     c = topo.client_index
+    gen = noise_generator(privacy.noise_seed, c, noise_device or device)
     return PrivateSender(channel(topo.server_of(c), comm, counter, device),
                          noise_std=privacy.noise_std if noise else 0.0, grad_clip=privacy.grad_clip,
-                         grad_noise_std=privacy.grad_noise_std, generator=noise_generator(privacy.noise_seed, c, device),
+                         grad_noise_std=privacy.grad_noise_std, generator=gen,
                          relative=privacy.noise_mode == "relative")
 
 

@@ -76,6 +76,13 @@ class TopologyConfig:
                        "balanced (longest server work first onto the least loaded server rank, work = rows x "
                        "server blocks; re-planned with the split points by split.rebalance). Only "
                        "train.mode=parallel with servers >= 2 differs.")
+    client_device: Literal["auto", "cpu", "cuda"] = _f(
+        "auto", "Where client ranks compute: auto (a GPU under NCCL, else the CPU), cpu, cuda. CPU clients with GPU "
+                "servers is FedSEA's deployment: hidden states then travel through host memory (gloo). README, "
+                "Devices per role.")
+    server_device: Literal["auto", "cpu", "cuda"] = _f(
+        "auto", "Where server ranks compute (auto, cpu, cuda); GPU servers in a gloo job share an NCCL group for "
+                "DeepSpeed. README, Devices per role.")
 
 
 @dataclass(kw_only=True)

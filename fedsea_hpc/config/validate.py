@@ -85,6 +85,10 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(t.clients >= 1, f"topology.clients: must be >= 1, got {t.clients}")
     need(t.servers >= 1, f"topology.servers: must be >= 1, got {t.servers}")
     need(t.servers <= t.clients, f"topology.servers: must be <= topology.clients ({t.clients}), got {t.servers}")
+    for key in ("client_device", "server_device"):
+        need(not (cfg.comm.backend == "nccl" and getattr(t, key) == "cpu"),
+             f"topology.{key}: cpu, but comm.backend is nccl, which moves only GPU tensors; "
+             "allowed: comm.backend=gloo or auto with a CPU role")
     need(cfg.train.steps >= 1, f"train.steps: must be >= 1, got {cfg.train.steps}")
     need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {cfg.train.micro_batch_size}")
     need(cfg.train.seq_len >= 2, f"train.seq_len: must be >= 2, got {cfg.train.seq_len}")

@@ -40,12 +40,59 @@ def threads_for(launch: LaunchInfo, topo: Topology | None) -> int:
     return max(1, cores // max(local, 1))
 
 
-def start(launch: LaunchInfo, topo: Topology, comm):
-    """Start torch.distributed, every process group and the heartbeat; return the compute device.
+def rank_devices(launch: LaunchInfo, topo: Topology, cfg):
+    """This rank's :class:`~fedsea_hpc.distributed.devices.Devices` from ``topology.*_device`` and
+    ``comm.backend``, before any rank waits on another (a GPU this rank lacks: DeviceError)."""
+    import torch
 
-    ``comm.backend`` 'auto' picks NCCL when a GPU is visible, else gloo. Under NCCL a rank
-    computes on local GPU ``local_rank % device_count``; under gloo on the CPU. Collectives wait
-    up to ``comm.max_wait_s`` (no limit for 0); a dead peer is found by
+    from fedsea_hpc.distributed.devices import resolve
+
+    available = torch.cuda.is_available()
+    return resolve(cfg.comm.backend, cfg.topology.client_device, cfg.topology.server_device,
+                   server=topo.role is Role.SERVER, rank=launch.rank, local_rank=launch.local_rank,
+                   cuda_available=available, device_count=torch.cuda.device_count() if available else 0)
+
+
+class PreflightError(ValueError):
+    """A rank found a problem with its own set-up (a GPU it lacks): every rank stops with it, exit 2."""
+
+
+def rendezvous(launch: LaunchInfo, comm):
+    """The job's TCPStore (hosted by rank 0 at MASTER_ADDR:MASTER_PORT), before any process group:
+    :func:`preflight` and ``init_process_group`` both use it."""
+    import torch.distributed as dist
+
+    setup_torch_env(launch)
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
+                         is_master=launch.rank == 0, timeout=timedelta(seconds=comm.startup_timeout_s),
+                         wait_for_workers=False)
+
+
+def preflight(store, launch: LaunchInfo, problem: str | None, timeout_s: float) -> None:
+    """Every rank says whether its set-up is sound and hears every other's, through ``store``.
+
+    A problem only one rank can see (this node has no GPU) must not leave the others waiting in
+    ``init_process_group``: each rank posts its problem (or none), waits for all, and if any rank
+    has one every rank raises :class:`PreflightError` with the first (a one-line error, exit 2)."""
+    keys = [f"fedsea/preflight/{r}" for r in range(launch.world_size)]
+    store.set(keys[launch.rank], problem or "")
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except Exception as e:  # a rank that never got here: it died, or is still loading
+        raise RuntimeError(f"rank {launch.rank}: not every rank reached the start within comm.startup_timeout_s="
+                           f"{timeout_s:g} s ({e})") from None
+    for key in keys:
+        found = store.get(key).decode()
+        if found:
+            raise PreflightError(found)
+
+
+def start(launch: LaunchInfo, topo: Topology, comm, devices, store) -> None:
+    """Start torch.distributed on ``devices.backend`` over the rendezvous ``store``, every process
+    group and the heartbeat.
+
+    A GPU rank computes on local GPU ``local_rank % device_count`` (``devices.compute``).
+    Collectives wait up to ``comm.max_wait_s`` (no limit for 0); a dead peer is found by
     :mod:`fedsea_hpc.distributed.liveness` within ``comm.timeout_s``.
     """
     import torch
@@ -54,19 +101,12 @@ def start(launch: LaunchInfo, topo: Topology, comm):
     from fedsea_hpc.components.links import wait_limit_s
     from fedsea_hpc.distributed import liveness
 
-    backend = comm.backend
-    setup_torch_env(launch)
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group(backend, timeout=timedelta(seconds=wait_limit_s(comm)))
+    if devices.compute.type == "cuda":
+        torch.cuda.set_device(devices.compute)
+    dist.init_process_group(devices.backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                            timeout=timedelta(seconds=wait_limit_s(comm)))
     liveness.start(launch.rank, launch.world_size, comm.timeout_s)
-    topo.create_groups()
-    return device
+    topo.create_groups(server_backend=devices.server_backend)
 
 
 def stop() -> None:

@@ -85,12 +85,14 @@ class Topology:
         """Client indices served by ``server_rank``, in ascending order."""
         return [c for c in range(self.clients) if self.server_of(c) == server_rank]
 
-    def create_groups(self) -> None:
-        """Create every group on every rank (``new_group`` is collective over the world)."""
+    def create_groups(self, server_backend: str | None = None) -> None:
+        """Create every group on every rank (``new_group`` is collective over the world).
+        ``server_backend``: the server groups' backend (NCCL for GPU servers in a gloo job;
+        None = the world's)."""
         self.client_group = dist.new_group(self.client_ranks)
-        self.server_group = dist.new_group(self.server_ranks)
+        self.server_group = dist.new_group(self.server_ranks, backend=server_backend)
         for r in self.server_ranks:
-            g = dist.new_group([r])
+            g = dist.new_group([r], backend=server_backend)
             if r == self.rank:
                 self.self_group = g
 

@@ -34,7 +34,7 @@ from fedsea_hpc.transport.wire import Expect
 class GenClient:
     """Parts A and C of one client with their KV cache; ``split`` is this client's (p, q)."""
 
-    def __init__(self, topo, source, tokenizer, dtype: torch.dtype, device: torch.device, *,
+    def __init__(self, topo, source, tokenizer, dtype: torch.dtype, device: torch.device, wire: torch.device, *,
                  split: tuple[int, int], generate: GenerateConfig, privacy: PrivacyConfig, comm: CommConfig):
         self.g, self.device, self.tok = generate, device, tokenizer
         self.index = topo.client_index
@@ -45,7 +45,7 @@ class GenClient:
         adapter = os.path.join(self.g.adapters_dir, f"client{self.index}") if self.g.adapters_dir else None
         self.model = load_adapter(self.part, adapter).eval()
         self.counter = ByteCounter()
-        self.link = client_link(topo, comm, privacy, self.counter, device, noise=self.g.noise)
+        self.link = client_link(topo, comm, privacy, self.counter, wire, noise=self.g.noise, noise_device=device)
         self.sampler = torch.Generator().manual_seed(self.g.seed + self.index)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -57,7 +57,7 @@ class GenClient:
         self.link.send_activation(h, self.s)
         out = self.link.recv_activation(self.s, Expect(h.dtype, tuple(h.shape)))  # Part B keeps the shape
         self.s += 1
-        return out.to(h.dtype)
+        return out.to(device=h.device, dtype=h.dtype)  # off the wire device
 
     def _logits(self, ids: torch.Tensor, lengths: torch.Tensor, past: int, cache) -> torch.Tensor:
         """A → server → C for new tokens ``ids`` [B, q]; returns the last position's logits [B, V]."""
@@ -141,9 +141,9 @@ class GenClient:
         return {"prompt": prompt.text, "completion": text, "token_ids": ids, "finish_reason": reason}
 
 
-def run_client(cfg: Config, topo, source, tokenizer, prompts, dtype, device) -> dict | None:
-    worker = GenClient(topo, source, tokenizer, dtype, device, split=cfg.split_for(topo.client_index),
-                       generate=cfg.generate, privacy=cfg.privacy, comm=cfg.comm)
+def run_client(cfg: Config, topo, source, tokenizer, prompts, dtype, devices) -> dict | None:
+    worker = GenClient(topo, source, tokenizer, dtype, devices.compute, devices.wire,
+                       split=cfg.split_for(topo.client_index), generate=cfg.generate, privacy=cfg.privacy, comm=cfg.comm)
     bs = cfg.generate.batch_size
     # every part is built: start the clock together
     store_barrier("fedsea/gen-parts-ready", topo.world_size, cfg.comm.startup_timeout_s)
@@ -156,5 +156,5 @@ def run_client(cfg: Config, topo, source, tokenizer, prompts, dtype, device) -> 
     wall = time.perf_counter() - t0
     path = os.path.join(cfg.run.output_dir, f"generations-client{worker.index}.jsonl")
     write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return finish_stats(topo, device, worker.stats, wall, generate=cfg.generate, privacy=cfg.privacy,
+    return finish_stats(topo, devices.wire, worker.stats, wall, generate=cfg.generate, privacy=cfg.privacy,
                         output_dir=cfg.run.output_dir)

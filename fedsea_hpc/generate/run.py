@@ -38,12 +38,13 @@ def check_inputs(job) -> list | None:
     return prompts[topo.client_index] if topo.role is Role.CLIENT else None
 
 
-def generate_split(job, prompts, device) -> dict | None:
-    """Run this rank's role; rank 0 returns (and writes) the job summary."""
+def generate_split(job, prompts, devices) -> dict | None:
+    """Run this rank's role on ``devices`` (:class:`~fedsea_hpc.distributed.devices.Devices`);
+    rank 0 returns (and writes) the job summary."""
     if job.topo.role is Role.CLIENT:
         from fedsea_hpc.generate.client import run_client
 
-        return run_client(job.cfg, job.topo, job.source, job.tokenizer, prompts, job.dtype, device)
+        return run_client(job.cfg, job.topo, job.source, job.tokenizer, prompts, job.dtype, devices)
     from fedsea_hpc.generate.server import run_server
 
-    return run_server(job.cfg, job.topo, job.source, job.dtype, device)
+    return run_server(job.cfg, job.topo, job.source, job.dtype, devices)

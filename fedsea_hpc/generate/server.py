@@ -42,7 +42,7 @@ def _left_pad(h: torch.Tensor, t: int) -> torch.Tensor:
 class GenServer:
     """Part B on one server rank during generation; ``splits`` is every client's (p, q)."""
 
-    def __init__(self, topo: Topology, source, dtype: torch.dtype, device: torch.device, *,
+    def __init__(self, topo: Topology, source, dtype: torch.dtype, device: torch.device, wire: torch.device, *,
                  splits: list[tuple[int, int]], generate: GenerateConfig, deepspeed: DeepSpeedConfig,
                  comm: CommConfig):
         self.topo, self.dtype, self.device = topo, dtype, device
@@ -61,7 +61,7 @@ class GenServer:
         self.hidden = source.config.hidden_size
         self.max_tokens = source.config.max_position_embeddings
         self.counter = ByteCounter()
-        self.links = server_links(topo, comm, self.counter, device)
+        self.links = server_links(topo, comm, self.counter, wire)
         self.s = dict.fromkeys(self.links, 0)  # per-client exchange counter (header step)
         self.running = list(self.links)  # clients that may still send batches
         self.round: list[dict] = []  # clients of the current round: {"c", "n" [B_c], "rows"}
@@ -84,7 +84,7 @@ class GenServer:
                 n = link.recv_lengths(s, Expect(torch.int64, (b,)))
                 h = link.recv_activation(s, Expect(self.dtype, (b, (1, self.max_tokens), self.hidden)))
                 check_lengths(n, h.shape[1], link.peer)
-                hs.append(h)
+                hs.append(h.to(self.device))  # off the wire device
                 self.round.append({"c": c, "n": n.to(self.device), "rows": b, "t": h.shape[1]})
             self.k = 0
             self.t = max((h.shape[1] for h in hs), default=0)
@@ -117,7 +117,7 @@ class GenServer:
         if tuple(h.shape) not in ((0, 1, self.hidden), (e["rows"], q, self.hidden)):
             raise WireError(f"bad decode input from rank {link.peer}: shape {list(h.shape)}, expected "
                             f"[{e['rows']}, {q}, {self.hidden}] or the batch end [0, 1, {self.hidden}]")
-        return h
+        return h.to(self.device)
 
     def tick(self) -> bool:
         """One lockstep tick; False when every server rank is out of clients."""
@@ -146,14 +146,14 @@ class GenServer:
         return True
 
 
-def run_server(cfg: Config, topo: Topology, source, dtype, device) -> dict | None:
-    worker = GenServer(topo, source, dtype, device, splits=cfg.splits(), generate=cfg.generate,
-                       deepspeed=cfg.deepspeed, comm=cfg.comm)
+def run_server(cfg: Config, topo: Topology, source, dtype, devices) -> dict | None:
+    worker = GenServer(topo, source, dtype, devices.compute, devices.wire, splits=cfg.splits(),
+                       generate=cfg.generate, deepspeed=cfg.deepspeed, comm=cfg.comm)
     store_barrier("fedsea/gen-parts-ready", topo.world_size, cfg.comm.startup_timeout_s)
     t0 = time.perf_counter()
     with torch.no_grad():
         while worker.tick():
             pass
     stats = dict.fromkeys(STAT_KEYS, 0.0) | {"server_forwards": worker.ticks, "server_dummy_forwards": worker.dummy_ticks}
-    return finish_stats(topo, device, stats, time.perf_counter() - t0, generate=cfg.generate, privacy=cfg.privacy,
+    return finish_stats(topo, devices.wire, stats, time.perf_counter() - t0, generate=cfg.generate, privacy=cfg.privacy,
                         output_dir=cfg.run.output_dir)

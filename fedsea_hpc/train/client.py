@@ -29,7 +29,8 @@ from fedsea_hpc.transport.wire import Expect, Kind, pack_tokens, unpack_tokens
 
 
 class ClientWorker:
-    """Parts A and C of one client, its data, optimizer, link and aggregation.
+    """Parts A and C of one client, its data, optimizer, link and aggregation, computing on
+    ``device`` with its messages staged on ``wire`` (:mod:`fedsea_hpc.distributed.devices`).
 
     Takes only the config it uses: ``splits`` (every client's (p, q); the union decides which
     client-side tensors are averaged together), ``train_files`` and ``seed`` for its data and
@@ -39,18 +40,18 @@ class ClientWorker:
     """
 
     def __init__(self, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype,
-                 device: torch.device, *, splits: list[tuple[int, int]], train: TrainConfig, peft: PeftConfig,
-                 privacy: PrivacyConfig, comm: CommConfig, train_files: list[str], seed: int,
+                 device: torch.device, wire: torch.device, *, splits: list[tuple[int, int]], train: TrainConfig,
+                 peft: PeftConfig, privacy: PrivacyConfig, comm: CommConfig, train_files: list[str], seed: int,
                  secure_aggregation: bool, dump_aggregation: tuple[str, int] = ("", 0),
                  emulator: Emulator = Emulator(), silo: tuple[int, int] | None = None):
-        self.topo, self.device = topo, device
+        self.topo, self.device, self.wire = topo, device, wire
         self.dump_aggregation = dump_aggregation
         self.emu = emulator
         self.index = topo.client_index
         self.source, self.peft, self.train_cfg, self.seed, self.dtype = source, peft, train, seed, dtype
         self.splits = [tuple(s) for s in splits]
         self._build_part()
-        self.link = client_link(topo, comm, privacy, counter, device)
+        self.link = client_link(topo, comm, privacy, counter, wire, noise_device=device)
         self._comm, self._counter = comm, counter
         silo_id, shards = silo if silo is not None else (self.index, topo.clients)  # (data silo, shards)
         self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed, silo_id, shards)
@@ -58,7 +59,7 @@ class ClientWorker:
         self.batches_taken = 0
         self.secure_sum = None
         if secure_aggregation:  # a collective over the client group: every client is here now
-            keys = agree_keys(self.index, topo.clients, topo.client_group, device)
+            keys = agree_keys(self.index, topo.clients, topo.client_group, wire)
             self.secure_sum = SecureSum(self.index, topo.clients, topo.client_group, keys,
                                         record=dump_aggregation[1] > 0)
         self._build_sync()
@@ -94,7 +95,7 @@ class ClientWorker:
         old, step = migrate.torch_state(self.params, self.opt)
         moved = migrate.exchange(self.source.config.num_hidden_layers, self.splits, new_splits, rows,
                                  me=self.index, contributes=True, old_state=old, step=step, named=self.params,
-                                 topo=self.topo, dtype=self.dtype, device=self.device)
+                                 topo=self.topo, dtype=self.dtype, device=self.wire)  # world groups: the wire device
         self.splits = [tuple(s) for s in new_splits]
         self._build_part(moved)
         self._build_sync()
@@ -138,7 +139,7 @@ class ClientWorker:
 
     def relink(self) -> None:
         """After ``topo.place``: talk to the server rank that serves this client now."""
-        relink_client(self.link, self.topo, self._comm, self._counter, self.device)
+        relink_client(self.link, self.topo, self._comm, self._counter, self.wire)
 
     @property
     def split(self) -> tuple[int, int]:
@@ -177,7 +178,7 @@ class ClientWorker:
         sent_lengths.wait()
         emu.message(lengths, packed_a, times=times)
         t1 = time.perf_counter()
-        packed_b = reply.wait()
+        packed_b = reply.wait().to(self.device)  # staged on the wire device (host memory under gloo)
         emu.message(packed_b, times=times)
         t2 = time.perf_counter()
         h_b = unpack_tokens(packed_b, lengths, t).requires_grad_(True)
@@ -192,7 +193,7 @@ class ClientWorker:
         link.send_gradient(grad_b, step)
         emu.message(grad_b, times=times)
         t3 = time.perf_counter()
-        g_a = reply.wait()
+        g_a = reply.wait().to(self.device)
         emu.message(g_a, times=times)
         t4 = time.perf_counter()
         with span("A backward"):

@@ -25,6 +25,7 @@ from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically, write_json, write_text_atomically
 from fedsea_hpc.config import Config
+from fedsea_hpc.distributed.devices import Devices
 from fedsea_hpc.distributed.env import say, store_barrier
 from fedsea_hpc.distributed.process import StopRequest
 from fedsea_hpc.distributed.topology import Role, Topology
@@ -50,13 +51,15 @@ def _fault_injection(cfg: Config, rank: int, step: int) -> None:
 
 
 def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dtype,
-                device: torch.device, resume: Resume | None = None) -> dict | None:
+                devices: Devices, resume: Resume | None = None) -> dict | None:
     """Run ``cfg.train.steps`` steps on this rank; rank 0 returns the summary.
 
-    ``device`` is where this rank computes and what its collectives carry (CPU for gloo, the
-    local GPU for NCCL, which only moves CUDA tensors). ``resume``: the checkpoint to continue
+    ``devices``: where this rank computes (``compute``) and where its messages and world
+    collectives are staged (``wire``: the CPU under gloo, the local GPU under NCCL, which only
+    moves CUDA tensors; :mod:`fedsea_hpc.distributed.devices`). ``resume``: the checkpoint to continue
     from (:mod:`fedsea_hpc.components.checkpoint`): parts, optimizers, data position, RNG streams,
     partition and metrics rows come from it, and the loop starts at its step."""
+    device, wire = devices.compute, devices.wire
     counter = ByteCounter()
     stop = StopRequest()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, then exit 75
     if topo.rank == 0 and topo.clients == 2 and cfg.federated.avg_every > 0:
@@ -66,7 +69,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     splits = resume.splits if resume is not None else cfg.splits()
     common = dict(splits=splits, train=cfg.train, peft=cfg.peft, comm=cfg.comm, seed=cfg.run.seed)
     if topo.role is Role.CLIENT:
-        worker = ClientWorker(topo, source, tokenizer, counter, dtype, device, **common, privacy=cfg.privacy,
+        worker = ClientWorker(topo, source, tokenizer, counter, dtype, device, wire, **common, privacy=cfg.privacy,
                               train_files=cfg.data.train_files, secure_aggregation=cfg.secure_aggregation(),
                               silo=None if resume is None else (resume.silos[topo.client_index], resume.shards),
                               dump_aggregation=(cfg.run.output_dir, cfg.debug.dump_aggregation_steps),
@@ -74,7 +77,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     else:
         from fedsea_hpc.train.server import ServerWorker  # DeepSpeed is imported on servers only
 
-        worker = ServerWorker(topo, source, counter, dtype, device, **common, deepspeed=cfg.deepspeed,
+        worker = ServerWorker(topo, source, counter, dtype, device, wire, **common, deepspeed=cfg.deepspeed,
                               dump_wire=(cfg.run.output_dir, cfg.debug.dump_wire_steps),
                               start=checkpoint.consolidated_start(resume, topo.servers, cfg.deepspeed.zero_stage))
     log = MetricsLog(cfg.run, cfg.train, enabled=topo.rank == 0,
@@ -106,11 +109,11 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     if resume is not None:  # last before the loop: the probe above draws from the RNG streams it restores
         t_load = time.perf_counter()
         worker.load_checkpoint(resume)
-        load_s = _slowest(time.perf_counter() - t_load, device)
+        load_s = _slowest(time.perf_counter() - t_load, wire)
         if topo.rank == 0:
             say(f"resumed from {resume.path} at step {resume.step} (loaded in {load_s:.2f} s)")
     saves: list[dict] = []  # rank 0: seconds and bytes of every checkpoint this launch wrote
-    setup_s = _slowest(time.perf_counter() - fedsea_hpc.STARTED, device)
+    setup_s = _slowest(time.perf_counter() - fedsea_hpc.STARTED, wire)
     if topo.rank == 0:
         say(f"set-up {setup_s:.1f} s (slowest rank: imports, model, DeepSpeed, probes{', resume' if resume else ''}); "
             f"training steps {start + 1}..{cfg.train.steps}")
@@ -123,7 +126,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     for step in range(start, cfg.train.steps):
         _fault_injection(cfg, topo.rank, step)
         if rebalancer.due(step):
-            new, rec = rebalancer.decide(step, costs, topo.rank, device)
+            new, rec = rebalancer.decide(step, costs, topo.rank, wire)
             if new is not None:
                 t_move, moving = time.perf_counter(), TRACE.stamp()
                 if list(new[0]) != rebalancer.splits:
@@ -148,7 +151,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             n_local = batch.num_loss_tokens
             samples = batch.input_ids.shape[0]
             if parallel:
-                tok = torch.tensor([float(n_local)], device=device)
+                tok = torch.tensor([float(n_local)], device=wire)
                 with TRACE.collective("loss tokens all-reduce (clients)", topo.client_ranks, 4):
                     dist.all_reduce(tok, group=topo.client_group)
                 norm = max(tok.item(), 1.0)
@@ -182,12 +185,12 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             worker.measured_s, worker.row_token_blocks = 0.0, 0
         sent_after = counter.totals()["sent"]
         sums = torch.tensor([loss_sum, n_tok, samples] + [sent_after[k] - sent_before[k] for k in BYTE_KEYS],
-                            dtype=torch.float64, device=device)
-        per_client = torch.zeros(2 * topo.clients, dtype=torch.float64, device=device)  # loss sum, tokens
+                            dtype=torch.float64, device=wire)
+        per_client = torch.zeros(2 * topo.clients, dtype=torch.float64, device=wire)  # loss sum, tokens
         if topo.role is Role.CLIENT:
             per_client[worker.index], per_client[topo.clients + worker.index] = loss_sum, n_tok
         base = 3 + len(BYTE_KEYS)
-        sums = torch.cat([sums, per_client, meter.slot_vector(device=device)])  # the cost model rides on this reduce
+        sums = torch.cat([sums, per_client, meter.slot_vector(device=wire)])  # the cost model rides on this reduce
         with TRACE.collective("metrics all-reduce (sum)", world, sums.numel() * 8):
             dist.all_reduce(sums)
         costs = job_costs(sums[base + 2 * topo.clients:].cpu(), topo.clients, server_rank_of, bytes_per_row_token)
@@ -195,7 +198,7 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         note["client_loss"] = [ls / max(t, 1.0) for ls, t in zip(loss_c, tok_c)]
         step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
         maxima = torch.tensor([step_time] + [times[p] for p in PHASES] + [saver.busy(), stop.requested],
-                              dtype=torch.float64, device=device)
+                              dtype=torch.float64, device=wire)
         with TRACE.collective("metrics all-reduce (max)", world, maxima.numel() * 8):
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # last slots: is any rank still writing a checkpoint,
         stopping = bool(maxima[-1] > 0)  # did any rank get SIGTERM/SIGUSR1?
@@ -229,11 +232,11 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     _save_outputs(cfg, topo, worker)
     _write_trace(cfg, topo)
     dist.barrier()
-    return log.finish(wall, extra=_data_stats(topo, worker, device) | noise_report(cfg.privacy)
+    return log.finish(wall, extra=_data_stats(topo, worker, wire) | noise_report(cfg.privacy)
                       | {"secure_aggregation": cfg.secure_aggregation()} | emulation_report(cfg.emulate)
                       | _probe_report(costs, probe_bytes(payload)) | rebalancer.finish()
                       | _checkpoint_report(saves, saver, resume, load_s) | {"setup_s": round(setup_s, 3)}
-                      | footprint.world_report(topo, device, _part_bytes(topo, worker)))
+                      | footprint.world_report(topo, device, wire, _part_bytes(topo, worker)))
 
 
 def _role_label(topo: Topology) -> str:

@@ -31,24 +31,26 @@ from fedsea_hpc.transport.wire import Expect, Kind, check_lengths, pack_tokens, 
 
 
 class ServerWorker:
-    """Part B on one server rank: the DeepSpeed engine and the links to the clients it serves.
+    """Part B on one server rank: the DeepSpeed engine and the links to the clients it serves,
+    computing on ``device`` with its messages staged on ``wire`` (:mod:`fedsea_hpc.distributed.devices`).
 
     Takes only the config it uses: ``splits`` (every client's (p, q)), ``seed`` for the adapters,
     and ``dump_wire`` = (output dir, steps) of ``debug.dump_wire_steps``.
     """
 
-    def __init__(self, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype, device: torch.device, *,
+    def __init__(self, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype, device: torch.device,
+                 wire: torch.device, *,
                  splits: list[tuple[int, int]], train: TrainConfig, peft: PeftConfig, deepspeed: DeepSpeedConfig,
                  comm: CommConfig, seed: int, dump_wire: tuple[str, int] = ("", 0),
                  start: migrate.Moved | None = None):
-        self.topo, self.dtype, self.device = topo, dtype, device
+        self.topo, self.dtype, self.device, self.wire = topo, dtype, device, wire
         self.dump_dir, self.dump_steps = dump_wire
         self.source, self.peft, self.train_cfg, self.ds_cfg, self.seed = source, peft, train, deepspeed, seed
         self.measured_s, self.row_token_blocks = 0.0, 0  # real (non-dummy) work this step, for the cost model
         self.splits = [tuple(s) for s in splits]
         self._build(self.splits, start)  # start: a consolidated checkpoint's state (another layout)
         self.hidden = source.config.hidden_size
-        self.links = server_links(topo, comm, counter, device)
+        self.links = server_links(topo, comm, counter, wire)
         self._comm, self._counter = comm, counter
         # What a client may send: at most a micro-batch of rows of at most seq_len tokens.
         self.expect_lengths = Expect(torch.int64, ((1, train.micro_batch_size),))
@@ -83,7 +85,7 @@ class ServerWorker:
         moved = migrate.exchange(self.source.config.num_hidden_layers, self.splits, new_splits, rows,
                                  me=migrate.SERVER, contributes=self.topo.rank == self.topo.server_ranks[0],
                                  old_state=old, step=step, named=self.params, topo=self.topo,
-                                 dtype=self.dtype, device=self.device)
+                                 dtype=self.dtype, device=self.wire)  # world groups: the wire device
         del self.engine, self.model, self.params
         self.splits = [tuple(s) for s in new_splits]
         self._build(self.splits, moved)
@@ -122,7 +124,7 @@ class ServerWorker:
     def relink(self) -> None:
         """After ``topo.place``: one link per client this server rank serves now. Part B is the
         same on every server rank, so a client that changes server brings no state with it."""
-        self.links = server_links(self.topo, self._comm, self._counter, self.device)
+        self.links = server_links(self.topo, self._comm, self._counter, self.wire)
 
     def _recv_inputs(self, clients: list[int], step: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(c, lengths [B], packed h_A [sum(lengths), H])`` per client, each checked before it is
@@ -135,7 +137,7 @@ class ServerWorker:
             check_lengths(lengths, self.max_tokens, self.links[c].peer)
             acts[c] = (lengths, self.links[c].irecv(Kind.ACTIVATION, step,
                                                     Expect(self.dtype, (int(lengths.sum()), self.hidden))))
-        return [(c, lengths, h.wait()) for c, (lengths, h) in acts.items()]
+        return [(c, lengths, h.wait().to(self.device)) for c, (lengths, h) in acts.items()]  # off the wire device
 
     def serve(self, clients: list[int], step: int, times: dict) -> None:
         """One forward/backward round for ``clients`` (possibly empty: a dummy round).
@@ -169,7 +171,7 @@ class ServerWorker:
             g = grads_in[c].wait()
             if step < self.dump_steps:
                 self._dump(step, {f"client{c}_gradient": g})
-            grads.append(g.to(out.dtype))
+            grads.append(g.to(device=self.device, dtype=out.dtype))
         grad = (unpack_tokens(torch.cat(grads), lengths, out.shape[1]) if grads
                 else torch.zeros_like(out))  # a dummy round: zero gradient
         t3 = time.perf_counter()
