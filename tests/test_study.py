@@ -39,6 +39,28 @@ def test_points_are_the_listed_entries_times_the_axes_in_a_fixed_order(tmp_path)
     assert grids.load(g.path, repeats=5).repeats == 5  # the command line wins
 
 
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_the_table7_grids_train_every_scheme_on_the_same_samples(model):
+    """benchmarks/table7.py's sweeps: sequential and client-batch on one server rank,
+    server-hierarchical on one per 2 clients, 2/4/8 clients, centralized; 96 samples each."""
+    from fedsea_hpc.config import load_config
+
+    g = grids.load(str(REPO / "configs" / "sweeps" / f"table7-{model}.yaml"), None)
+    seen = set()
+    for p in g.points():
+        cfg = load_config(str(REPO / g.config), [f"{k}={grids.flow(v)}" for k, v in p.overrides.items()])
+        c, s, mode = cfg.topology.clients, cfg.topology.servers, cfg.train.mode
+        assert cfg.run.trace and cfg.train.micro_batch_size * c * cfg.train.steps == 96, p.labels
+        if mode == "centralized":
+            seen.add(("centralized", None))
+            continue
+        scheme = "sequential" if mode == "sequential" else ("client-batch" if s == 1 else "server-hierarchical")
+        assert s == (c // 2 if scheme == "server-hierarchical" else 1), p.labels
+        seen.add((scheme, c))
+    assert seen == {("centralized", None), *[(k, c) for k in ("sequential", "client-batch") for c in (2, 4, 8)],
+                    ("server-hierarchical", 4), ("server-hierarchical", 8)}
+
+
 def test_override_values_go_to_the_command_line_as_yaml_flow():
     p = grids.Point(0, {"peft.target_modules": ["q_proj", "v_proj"], "privacy.noise": False, "train.lr": 0.001,
                         "train.mode": "parallel"}, {})
