@@ -205,6 +205,51 @@ def test_exact_expectation_preposts_the_payload_and_still_validates_the_header(r
     _check(results, "preposted")
 
 
+# ----------------------------------------------------------------------------- fused messages
+
+
+FUSED_KEY = "p2p_test_fused_send_done"
+
+
+def _fused_body(rank: int) -> None:
+    """``fused=True`` on both ends: header and payload in one buffer, one send and one receive,
+    the tensor intact, the bytes counted as before (payload under its kind, the header apart);
+    the receive is posted before the send, and rank 0's send completes before rank 1 waits (as
+    for a pre-posted payload). A fused header that disagrees with the expectation is refused."""
+    store = dist.distributed_c10d._get_default_store()
+    counter = ByteCounter()
+    ch = Channel(1 - rank, counter=counter, max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S)
+    for i, (kind, shape, dtype) in enumerate(CASES):
+        if rank == 0:
+            store.wait([f"{FUSED_KEY}_posted{i}"], timedelta(seconds=STORE_WAIT_S))
+            handle = ch.isend(kind, _make(i, shape, dtype, 0), step=i, fused=True)
+            assert len(handle._works) == 1  # one backend op, header and payload together
+            handle.wait()
+            store.set(f"{FUSED_KEY}{i}", "1")
+        else:
+            handle = ch.irecv(kind, step=i, expect=Expect(dtype, tuple(shape)), fused=True)
+            store.set(f"{FUSED_KEY}_posted{i}", "1")
+            store.wait([f"{FUSED_KEY}{i}"], timedelta(seconds=STORE_WAIT_S))
+            assert torch.equal(handle.wait(), _make(i, shape, dtype, 0)), i
+    direction = "sent" if rank == 0 else "recv"
+    totals = counter.totals()[direction]
+    assert totals == {**dict.fromkeys(totals, 0), **_expected_payload(CASES), "header": len(CASES) * HEADER_BYTES}
+    with pytest.raises(ValueError, match="fused .* needs an exact expectation"):
+        ch.irecv(Kind.LENGTHS, step=0, expect=Expect(torch.int64, ((1, 8),)), fused=True)
+    side = Channel(1 - rank, counter=ByteCounter(), max_bytes=MAX_BYTES, timeout_s=TIMEOUT_S,
+                   group=dist.new_group([0, 1]))
+    if rank == 0:
+        side.send(Kind.GRADIENT, torch.zeros(3, 2), step=7, fused=True)
+    else:
+        with pytest.raises(WireError, match=r"bad header from rank 0: gradient: dim 0 of shape \[3, 2\] is 3, expected 2"):
+            side.recv(Kind.GRADIENT, step=7, expect=Expect(torch.float32, (2, 3)), fused=True)
+
+
+@pytest.mark.multirank
+def test_fused_messages_take_one_operation_and_still_validate_the_header(results):
+    _check(results, "fused")
+
+
 # ----------------------------------------------------------------------------- peer loss
 
 
@@ -255,6 +300,7 @@ SCENARIOS = {
     "round_trip": _round_trip_body,
     "corrupt_header": _corrupt_header_body,
     "preposted": _preposted_body,
+    "fused": _fused_body,
     "dead_peer": _dead_peer_body,
 }
 

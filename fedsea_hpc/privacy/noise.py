@@ -166,18 +166,18 @@ class PrivateSender:
             return privatize_gradient(tensor, self.grad_clip, self.grad_noise_std, self.generator)
         return tensor
 
-    def send(self, kind: Kind, tensor: torch.Tensor, step: int) -> None:
+    def send(self, kind: Kind, tensor: torch.Tensor, step: int, *, fused: bool = False) -> None:
         """Send through the channel after ``privatize``."""
-        self.channel.send(kind, self.privatize(kind, tensor), step)
+        self.channel.send(kind, self.privatize(kind, tensor), step, fused=fused)
 
     def isend(self, kind: Kind, tensor: torch.Tensor, step: int):
         """Async send after ``privatize``; returns the channel's handle."""
         return self.channel.isend(kind, self.privatize(kind, tensor), step)
 
-    def send_activation(self, h: torch.Tensor, step: int) -> None:
+    def send_activation(self, h: torch.Tensor, step: int, *, fused: bool = False) -> None:
         """Send ``h + ε`` for hidden states ``[B, T, H]``; ``h``'s graph is untouched."""
-        self.send(Kind.ACTIVATION, h, step)
+        self.send(Kind.ACTIVATION, h, step, fused=fused)
 
-    def send_gradient(self, g: torch.Tensor, step: int) -> None:
+    def send_gradient(self, g: torch.Tensor, step: int, *, fused: bool = False) -> None:
         """Send the clipped and noised gradient ``[B, T, H]``."""
-        self.send(Kind.GRADIENT, g, step)
+        self.send(Kind.GRADIENT, g, step, fused=fused)

@@ -157,7 +157,8 @@ class ClientWorker:
 
         Only real tokens cross: h_A, h_B and both gradients travel packed as ``[sum(lengths), H]``
         (:func:`~fedsea_hpc.transport.wire.pack_tokens`). Each receive is posted before the send
-        it answers, with its exact shape, so every hop takes one round trip; the lengths go out
+        it answers, with its exact shape, so every hop takes one round trip and one backend
+        operation a side (header and payload fused, :class:`~fedsea_hpc.transport.p2p.Channel`); the lengths go out
         first and their exchange overlaps Part A's forward. The loss is ``sum of token losses /
         loss_norm``; returns the (unnormalised) loss sum.
         """
@@ -173,8 +174,8 @@ class ClientWorker:
         t = h_a.shape[1]
         packed_a = pack_tokens(h_a, lengths)
         mine = Expect(h_a.dtype, tuple(packed_a.shape))  # h_B and both gradients: the same tokens
-        reply = link.irecv(Kind.ACTIVATION, step, mine)
-        link.send_activation(packed_a, step)  # noised copy; h_a keeps its clean graph
+        reply = link.irecv(Kind.ACTIVATION, step, mine, fused=True)
+        link.send_activation(packed_a, step, fused=True)  # noised copy; h_a keeps its clean graph
         sent_lengths.wait()
         emu.message(lengths, packed_a, times=times)
         t1 = time.perf_counter()
@@ -188,9 +189,9 @@ class ClientWorker:
                 total = loss_sum(self.part.head_logits(out), batch.labels)
             (total / loss_norm).backward()
         emu.stretch(time.perf_counter() - t2, times)
-        reply = link.irecv(Kind.GRADIENT, step, mine)
+        reply = link.irecv(Kind.GRADIENT, step, mine, fused=True)
         grad_b = pack_tokens(h_b.grad, lengths)
-        link.send_gradient(grad_b, step)
+        link.send_gradient(grad_b, step, fused=True)
         emu.message(grad_b, times=times)
         t3 = time.perf_counter()
         g_a = reply.wait().to(self.device)

@@ -136,7 +136,7 @@ class ServerWorker:
             lengths = pending[c].wait()
             check_lengths(lengths, self.max_tokens, self.links[c].peer)
             acts[c] = (lengths, self.links[c].irecv(Kind.ACTIVATION, step,
-                                                    Expect(self.dtype, (int(lengths.sum()), self.hidden))))
+                                                    Expect(self.dtype, (int(lengths.sum()), self.hidden)), fused=True))
         return [(c, lengths, h.wait().to(self.device)) for c, (lengths, h) in acts.items()]  # off the wire device
 
     def serve(self, clients: list[int], step: int, times: dict) -> None:
@@ -163,8 +163,8 @@ class ServerWorker:
         tokens = [h.shape[0] for _, _, h in recv]  # each client's share of the packed tokens
         grads_in = {}
         for (c, _, h), o in zip(recv, pack_tokens(out, lengths).split(tokens) if recv else ()):
-            grads_in[c] = self.links[c].irecv(Kind.GRADIENT, step, Expect(self.dtype, tuple(h.shape)))
-            self.links[c].send_activation(o, step)
+            grads_in[c] = self.links[c].irecv(Kind.GRADIENT, step, Expect(self.dtype, tuple(h.shape)), fused=True)
+            self.links[c].send_activation(o, step, fused=True)
         t2 = time.perf_counter()
         grads = []
         for c, _, h in recv:
@@ -181,7 +181,7 @@ class ServerWorker:
         with span("B backward (DeepSpeed engine.backward)"):
             self.engine.backward((out * grad).sum() * self.topo.servers)
         for (c, _, h), g in zip(recv, pack_tokens(x.grad, lengths).split(tokens) if recv else ()):
-            self.links[c].send_gradient(g / self.topo.servers, step)
+            self.links[c].send_gradient(g / self.topo.servers, step, fused=True)
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)

@@ -19,6 +19,11 @@ buffer together with the header, so both flow as soon as the sender posts them. 
 still validated before the payload is used; a header that disagrees with the expectation is a
 ``WireError`` and the pre-posted buffer (sized by the receiver, never by the peer) is dropped
 with the channel.
+
+One backend operation per side, not two: with ``fused=True`` on both ends (the receiver's
+expectation exact) header and payload travel as one buffer. Posting a gloo send costs about a
+millisecond on an oversubscribed CPU, so the training hops (every activation and gradient,
+whose shapes both sides know) go fused; the header is still decoded and checked first.
 """
 
 from __future__ import annotations
@@ -131,11 +136,12 @@ class RecvHandle:
 
     def __init__(self, channel: Channel, kind: Kind, step: int, header: torch.Tensor, work,
                  expect: Expect | None = None, payload: tuple[torch.Tensor, object] | None = None,
-                 seq: int | None = None):
+                 seq: int | None = None, fused: torch.Tensor | None = None):
         self._channel, self._kind, self._step, self._expect = channel, kind, step, expect
         self._header, self._work = header, work
         self._payload = payload  # (buffer, work) posted with the header, or None
         self._seq = seq  # its number on the trace (run.trace), None when not tracing
+        self._fused = fused  # header + payload in one buffer (a fused receive), or None
         self._result: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
@@ -196,41 +202,57 @@ class Channel:
 
     # ------------------------------------------------------------------ the two private routines
 
-    def isend(self, kind: Kind, tensor: torch.Tensor, step: int) -> SendHandle:
-        """Post header and payload of ``tensor`` (``ndim <= 4``); return a handle to wait on."""
+    def isend(self, kind: Kind, tensor: torch.Tensor, step: int, *, fused: bool = False) -> SendHandle:
+        """Post header and payload of ``tensor`` (``ndim <= 4``); return a handle to wait on.
+
+        ``fused``: header and payload go as one buffer, one backend send (the receiver must post
+        the matching fused receive, :meth:`irecv`)."""
         kind = Kind(kind)
         header = encode_header(kind, step, tensor).to(self.device)
         payload = tensor_to_bytes(tensor.to(self.device))
         what = f"{kind.name} send to be posted"
         with TRACE.post("send", kind.name, self.peer, payload.numel()) as ev:
-            works = [self._post(dist.isend, header, what, step)]
-            if payload.numel():  # empty tensors are header-only: a 0-byte op is pointless
-                works.append(self._post(dist.isend, payload, what, step))
+            if fused:
+                header = torch.cat([header.view(torch.uint8), payload])
+                works = [self._post(dist.isend, header, what, step)]
+            else:
+                works = [self._post(dist.isend, header, what, step)]
+                if payload.numel():  # empty tensors are header-only: a 0-byte op is pointless
+                    works.append(self._post(dist.isend, payload, what, step))
         return SendHandle(self, kind, step, works, (header, payload), payload.numel(),
                           None if ev is None else ev["seq"])
 
-    def irecv(self, kind: Kind, step: int, expect: Expect | None = None) -> RecvHandle:
+    def irecv(self, kind: Kind, step: int, expect: Expect | None = None, *, fused: bool = False) -> RecvHandle:
         """Post the receive for the next message, expected to be ``kind`` at ``step`` (and to
         meet ``expect``, checked on the header before the payload is used).
 
         With an exact ``expect`` (every dim an int) the payload buffer is allocated by this side
         and posted at once, so the message takes one round trip; otherwise it is allocated after
-        the header is validated."""
+        the header is validated. ``fused`` (needs an exact ``expect``; the sender sends fused):
+        one buffer for header and payload, one backend receive."""
         kind = Kind(kind)
         if self._recv_pending:
             # A second header irecv would be matched with the first message's payload bytes.
             raise RuntimeError(f"{self!r}: wait on the pending receive before posting another")
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         nbytes = expect.nbytes() if expect is not None else None
-        exact = nbytes is not None and 0 < nbytes <= self.max_bytes
+        if fused and (nbytes is None or nbytes > self.max_bytes):
+            raise ValueError(f"{self!r}: a fused {kind.name} receive needs an exact expectation within max_bytes")
+        exact = nbytes is not None and (0 < nbytes <= self.max_bytes or fused)
         with TRACE.post("recv", kind.name, self.peer, nbytes if exact else None, exact) as ev:
-            work = self._post(dist.irecv, header, f"{kind.name} header", step)
-            payload = None
-            if exact:
-                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-                payload = (buf, self._post(dist.irecv, buf, kind.name, step))
+            payload = whole = None
+            if fused:  # header then payload in one buffer, sized by this side
+                whole = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=self.device)
+                header = whole[:HEADER_BYTES].view(torch.int64)
+                work = self._post(dist.irecv, whole, kind.name, step)
+            else:
+                header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+                work = self._post(dist.irecv, header, f"{kind.name} header", step)
+                if exact:
+                    buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                    payload = (buf, self._post(dist.irecv, buf, kind.name, step))
         self._recv_pending = True
-        return RecvHandle(self, kind, step, header, work, expect, payload, None if ev is None else ev["seq"])
+        return RecvHandle(self, kind, step, header, work, expect, payload, None if ev is None else ev["seq"],
+                          fused=whole)
 
     def _finish_recv(self, h: RecvHandle) -> torch.Tensor:
         try:
@@ -245,7 +267,9 @@ class Channel:
                 expect=h._expect,
                 peer=self.peer,
             )
-            if h._payload is not None:  # posted with the header; the expectation fixed its size
+            if h._fused is not None:  # arrived with the header, in the same buffer
+                buf = h._fused[HEADER_BYTES:]
+            elif h._payload is not None:  # posted with the header; the expectation fixed its size
                 buf, work = h._payload
                 self._wait(work, h._kind.name, h._step)
             else:
@@ -278,30 +302,30 @@ class Channel:
 
     # ------------------------------------------------------------------ blocking API
 
-    def send(self, kind: Kind, tensor: torch.Tensor, step: int) -> None:
+    def send(self, kind: Kind, tensor: torch.Tensor, step: int, *, fused: bool = False) -> None:
         """Send ``tensor`` and wait until the backend has taken it."""
-        self.isend(kind, tensor, step).wait()
+        self.isend(kind, tensor, step, fused=fused).wait()
 
-    def recv(self, kind: Kind, step: int, expect: Expect | None = None) -> torch.Tensor:
+    def recv(self, kind: Kind, step: int, expect: Expect | None = None, *, fused: bool = False) -> torch.Tensor:
         """Receive the next message, which must be ``kind`` at ``step`` (and meet ``expect``).
 
         Raises ``WireError`` for an invalid header (nothing allocated; if the peer did send a
         payload after it, the stream is out of step and the channel should be dropped) and
         ``PeerLostError`` when the peer dies or the timeout expires.
         """
-        return self.irecv(kind, step, expect).wait()
+        return self.irecv(kind, step, expect, fused=fused).wait()
 
-    def send_activation(self, h: torch.Tensor, step: int) -> None:
+    def send_activation(self, h: torch.Tensor, step: int, *, fused: bool = False) -> None:
         """Send hidden states ``[B, T, H]``."""
-        self.send(Kind.ACTIVATION, h, step)
+        self.send(Kind.ACTIVATION, h, step, fused=fused)
 
     def recv_activation(self, step: int, expect: Expect | None = None) -> torch.Tensor:
         """Receive hidden states ``[B, T, H]``."""
         return self.recv(Kind.ACTIVATION, step, expect)
 
-    def send_gradient(self, g: torch.Tensor, step: int) -> None:
+    def send_gradient(self, g: torch.Tensor, step: int, *, fused: bool = False) -> None:
         """Send dL/dh ``[B, T, H]``."""
-        self.send(Kind.GRADIENT, g, step)
+        self.send(Kind.GRADIENT, g, step, fused=fused)
 
     def recv_gradient(self, step: int, expect: Expect | None = None) -> torch.Tensor:
         """Receive dL/dh ``[B, T, H]``."""
