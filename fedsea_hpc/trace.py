@@ -30,8 +30,8 @@ import time
 
 # Event categories. ``wire.post``/``wire.wait`` and ``collective`` are the dependency graph the
 # projection replays; the rest name what the time between them was spent on.
-COMPUTE, OPTIM, SYNC, STEP, POST, WAIT, COLLECTIVE, OTHER = (
-    "compute", "optimizer", "sync", "step", "wire.post", "wire.wait", "collective", "other")
+COMPUTE, OPTIM, STEP, POST, WAIT, COLLECTIVE, OTHER = (
+    "compute", "optimizer", "step", "wire.post", "wire.wait", "collective", "other")
 
 
 class Tracer:
@@ -41,7 +41,6 @@ class Tracer:
         self.on = False
         self.events: list[dict] = []
         self._seq: dict[tuple, itertools.count] = {}
-        self._flow = itertools.count()
 
     def begin(self, rank: int, label: str, threads: int) -> None:
         """Start recording; t = 0 now. Call right after a barrier every rank joins."""
