@@ -23,8 +23,9 @@ class FakeChannel:
         self.sent: list[tuple[Kind, torch.Tensor, int]] = []
         self.counter = "the channel's counter"
 
-    def send(self, kind, tensor, step):
+    def send(self, kind, tensor, step, *, fused=False):
         self.sent.append((Kind(kind), tensor.clone(), step))
+        self.fused = fused
 
     def isend(self, kind, tensor, step):
         self.send(kind, tensor, step)
@@ -139,7 +140,8 @@ def test_private_sender_gradients_and_delegation():
     g = torch.full((2, 3, 4), 5.0)
     lengths = torch.tensor([3, 2])
     # Execute
-    sender.send_gradient(g, step=7)
+    sender.send_gradient(g, step=7, fused=True)
+    assert fake.fused  # the framing choice reaches the channel
     sender.send_lengths(lengths, step=7)
     handle = sender.isend(Kind.CONTROL, torch.tensor([1, 2]), step=7)
     # Assert: gradient clipped (norm ~1) plus noise; lengths and control pass through untouched
