@@ -1,7 +1,8 @@
 """The paper's Table 7 (appendix), ours: sequential vs client-batch vs server-hierarchical.
 
-Runs the sweeps ``configs/sweeps/table7-<model>.yaml`` through the real tools (``fedsea sweep``,
-then ``fedsea report --project``; a re-run skips the points already done) and compares, per
+Runs the sweeps ``configs/sweeps/table7-<model>.yaml`` through the real tool (``fedsea sweep``,
+whose closing report projects the traced runs as ``fedsea report --project`` does; a re-run
+skips the points already done) and compares, per
 model, the training time of every point on the same 96 samples: sequential (one server rank,
 clients in turn), client-batch (``parallel``, one server rank), server-hierarchical
 (``parallel``, one server rank per 2 clients; at 2 clients that is the client-batch job) for 2, 4
@@ -52,8 +53,11 @@ def run_sweep(model: str, out: Path, timeout_s: float) -> None:
     cmd = [sys.executable, "-m", "fedsea_hpc", "sweep", "--grid", str(grid), "--out", str(out),
            "--point-timeout-s", str(timeout_s)]
     print(f"[table7] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, cwd=REPO, check=False)  # a failed point is in its run.json; the table says so
-    subprocess.run([sys.executable, "-m", "fedsea_hpc", "report", "--project", str(out)], cwd=REPO, check=True)
+    # A failed point is in its run.json (the table says so); the sweep ends with the report, which
+    # projects every run since the grid traces them (fedsea report --project).
+    subprocess.run(cmd, cwd=REPO, check=False)
+    if not (out / "results.json").is_file():
+        raise RuntimeError(f"the sweep wrote no report into {out}")
 
 
 def rows_of(out: Path) -> list[dict]:

@@ -39,6 +39,7 @@ from pathlib import Path
 from fedsea_hpc.trace import COLLECTIVE, POST, STEP, WAIT
 
 WARMUP = 2
+_PREFIX = {POST: "post", WAIT: "wait", COLLECTIVE: "coll", STEP: "step"}  # a replayed slice's point names
 
 
 class ProjectionError(ValueError):
@@ -84,35 +85,30 @@ def _markers(events: list[dict], threads: int) -> list[tuple]:
     c0, c1, scale = ("thread0_us", "thread1_us", 1) if threads <= 1 else ("cpu0_us", "cpu1_us", threads)
     points = []  # (cpu_us, kind, key, extra)
 
-    def begin(e: dict) -> None:
+    def edge(e: dict, which: str) -> None:
+        """The point where slice ``e`` begins or ends (``which``), if the replay needs one: a
+        wait's, a collective's and a step's both ends; a post's end (the message is the
+        backend's once the post returns)."""
         a, cat = e["args"], e["cat"]
-        if cat == WAIT:
-            points.append((a[c0], "wait_begin", (a["direction"], a["peer"], a["seq"]), {}))
-        elif cat == COLLECTIVE:
-            points.append((a[c0], "coll_begin", (tuple(a["group"]), a["seq"]), {"bytes": a["bytes"]}))
-        elif cat == STEP:
-            points.append((a[c0], "step_begin", a["step"], {}))
-
-    def end(e: dict) -> None:
-        a, cat = e["args"], e["cat"]
-        if cat == POST:  # the message is the backend's once the post returns
-            points.append((a[c1], "post", (a["direction"], a["peer"], a["seq"]),
-                           {"bytes": a.get("bytes"), "exact": a.get("exact", True)}))
-        elif cat == WAIT:
-            points.append((a[c1], "wait_end", (a["direction"], a["peer"], a["seq"]), {}))
-        elif cat == COLLECTIVE:
-            points.append((a[c1], "coll_end", (tuple(a["group"]), a["seq"]), {"bytes": a["bytes"]}))
-        elif cat == STEP:
-            points.append((a[c1], "step_end", a["step"], {}))
+        if cat not in _PREFIX or (cat == POST and which == "begin"):
+            return
+        if cat in (POST, WAIT):
+            key = (a["direction"], a["peer"], a["seq"])
+        else:
+            key = (tuple(a["group"]), a["seq"]) if cat == COLLECTIVE else a["step"]
+        extra = ({"bytes": a.get("bytes"), "exact": a.get("exact", True)} if cat == POST
+                 else {"bytes": a["bytes"]} if cat == COLLECTIVE else {})
+        kind = _PREFIX[cat] if cat == POST else f"{_PREFIX[cat]}_{which}"
+        points.append((a[c0] if which == "begin" else a[c1], kind, key, extra))
 
     stack: list[dict] = []
     for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: (e["ts"], -e["dur"])):
         while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
-            end(stack.pop())
-        begin(e)
+            edge(stack.pop(), "end")
+        edge(e, "begin")
         stack.append(e)
     while stack:
-        end(stack.pop())
+        edge(stack.pop(), "end")
     out, last_cpu, blocked = [], None, False
     for cpu, kind, key, extra in points:
         work = 0.0 if last_cpu is None or blocked else max(cpu - last_cpu, 0.0) / 1e6 / scale
