@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from datetime import timedelta
 from typing import Callable
@@ -81,10 +82,18 @@ def preflight(store, launch: LaunchInfo, problem: str | None, timeout_s: float) 
     except Exception as e:  # a rank that never got here: it died, or is still loading
         raise RuntimeError(f"rank {launch.rank}: not every rank reached the start within comm.startup_timeout_s="
                            f"{timeout_s:g} s ({e})") from None
-    for key in keys:
-        found = store.get(key).decode()
-        if found:
-            raise PreflightError(found)
+    found = [store.get(key).decode() for key in keys]
+    problems = [p for p in found if p]
+    if not problems:
+        return
+    # Rank 0 hosts the store: it leaves only once every rank has read the verdict, or a rank
+    # still reading would see "connection reset" instead of the one-line error.
+    store.add("fedsea/preflight/read", 1)
+    if launch.rank == 0:
+        deadline = time.monotonic() + timeout_s
+        while store.add("fedsea/preflight/read", 0) < launch.world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
+    raise PreflightError(problems[0])
 
 
 def start(launch: LaunchInfo, topo: Topology, comm, devices, store) -> None:
