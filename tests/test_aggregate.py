@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import with_free_port
+from fedsea_hpc.distributed import reduce
 from fedsea_hpc.federated.aggregate import allreduce_sum_
 from fedsea_hpc.federated.client_sync import ClientSync
 
@@ -174,10 +175,32 @@ def _check_client_sync(rank: int) -> None:
     assert all(torch.equal(p.detach(), before[n]) for n, p in params.items())
 
 
+def _same_bits_everywhere(t: torch.Tensor, group=None, ranks=range(WORLD)) -> None:
+    got = [torch.empty_like(t) for _ in ranks]
+    dist.all_gather(got, t, group=group)
+    assert all(torch.equal(g, got[0]) for g in got), "ranks ended with different sums"
+
+
 def _check_allreduce_sum(rank: int) -> None:
-    buf = rank_buffer(rank)
-    allreduce_sum_(buf)
-    torch.testing.assert_close(buf, sum(rank_buffer(r) for r in range(WORLD)))
+    # 3 ranks: the star through rank 0 (a small buffer) and gloo's own all-reduce (a large one).
+    for n in (17, reduce.STAR_MAX_BYTES // 4 + 1):
+        buf = torch.randn(n, generator=torch.Generator().manual_seed(100 + rank))
+        allreduce_sum_(buf)
+        want = sum(torch.randn(n, generator=torch.Generator().manual_seed(100 + r)) for r in range(WORLD))
+        torch.testing.assert_close(buf, want)
+        _same_bits_everywhere(buf)
+    # A non-contiguous float64 view is summed in place, the rest of its storage untouched.
+    base = torch.full((4, 6), float(rank + 1), dtype=torch.float64)
+    reduce.sum_(base[:, ::2])
+    assert torch.equal(base[:, ::2], torch.full((4, 3), 6.0, dtype=torch.float64))
+    assert torch.equal(base[:, 1::2], torch.full((4, 3), float(rank + 1), dtype=torch.float64))
+    # Two ranks (a subgroup): they swap buffers and both add in rank order.
+    pair = dist.new_group([1, 2])
+    if rank in (1, 2):
+        buf = rank_buffer(rank)
+        reduce.sum_(buf, group=pair)
+        torch.testing.assert_close(buf, rank_buffer(1) + rank_buffer(2))
+        _same_bits_everywhere(buf, group=pair, ranks=(1, 2))
 
 
 def _worker(rank: int, port: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fedsea_hpc.distributed import reduce
+
 
 def allreduce_sum_(buf: torch.Tensor, group=None) -> None:
     """Sum ``buf`` (any shape, float32 or float64) in place over the ranks of ``group``.
@@ -28,4 +30,4 @@ def allreduce_sum_(buf: torch.Tensor, group=None) -> None:
         raise TypeError(f"allreduce_sum_ sums float32/float64 buffers, got {buf.dtype}")
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    reduce.sum_(buf, group=group)

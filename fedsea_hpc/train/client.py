@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import torch
 
@@ -65,6 +66,7 @@ class ClientWorker:
         self._build_sync()
         self.samples_since_avg = 0
         self.a_phase_s, self.row_tokens = 0.0, 0
+        self.loss_norm = 1.0  # what the last step divided its loss sum by (run_step)
         self.saved_a = self.saved_c = 0  # bytes autograd saved in the A / C forward of the last step
 
     def _build_part(self, moved: migrate.Moved | None = None) -> None:
@@ -152,7 +154,7 @@ class ClientWorker:
         self.samples_since_avg += batch.input_ids.shape[0]
         return batch
 
-    def run_step(self, batch, step: int, loss_norm: float, times: dict) -> float:
+    def run_step(self, batch, step: int, loss_norm: float | Callable[[], float], times: dict) -> float:
         """Forward + backward of one micro-batch through A → server → C → server → A.
 
         Only real tokens cross: h_A, h_B and both gradients travel packed as ``[sum(lengths), H]``
@@ -160,7 +162,9 @@ class ClientWorker:
         it answers, with its exact shape, so every hop takes one round trip and one backend
         operation a side (header and payload fused, :class:`~fedsea_hpc.transport.p2p.Channel`); the lengths go out
         first and their exchange overlaps Part A's forward. The loss is ``sum of token losses /
-        loss_norm``; returns the (unnormalised) loss sum.
+        loss_norm`` (a number, or a function giving it: asked for only when Part C's backward needs
+        it, so a collective behind it overlaps the forward; kept as ``self.loss_norm``); returns
+        the (unnormalised) loss sum.
         """
         emu, link, lengths = self.emu, self.link, batch.lengths
         t0 = time.perf_counter()
@@ -187,7 +191,8 @@ class ClientWorker:
             with SavedBytes() as saved_c:
                 out = self.part.run_layers(h_b, self.tail_ids, ctx)
                 total = loss_sum(self.part.head_logits(out), batch.labels)
-            (total / loss_norm).backward()
+            self.loss_norm = loss_norm() if callable(loss_norm) else loss_norm
+            (total / self.loss_norm).backward()
         emu.stretch(time.perf_counter() - t2, times)
         reply = link.irecv(Kind.GRADIENT, step, mine, fused=True)
         grad_b = pack_tokens(h_b.grad, lengths)

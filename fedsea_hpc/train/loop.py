@@ -25,6 +25,7 @@ from fedsea_hpc.components.links import noise_report
 from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically, write_json, write_text_atomically
 from fedsea_hpc.config import Config
+from fedsea_hpc.distributed import reduce
 from fedsea_hpc.distributed.devices import Devices
 from fedsea_hpc.distributed.env import say, store_barrier
 from fedsea_hpc.distributed.process import StopRequest
@@ -150,15 +151,19 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             batch = worker.next_batch()
             n_local = batch.num_loss_tokens
             samples = batch.input_ids.shape[0]
-            if parallel:
+            if parallel:  # the loss is a mean over every client's tokens: their count, summed
                 tok = torch.tensor([float(n_local)], device=wire)
-                with TRACE.collective("loss tokens all-reduce (clients)", topo.client_ranks, 4):
-                    dist.all_reduce(tok, group=topo.client_group)
-                norm = max(tok.item(), 1.0)
+                pending = dist.all_reduce(tok, group=topo.client_group, async_op=True)  # overlaps A forward
+
+                def norm() -> float:  # wanted first by Part C's backward
+                    with TRACE.collective("loss tokens all-reduce (clients)", topo.client_ranks, 4):
+                        pending.wait()
+                    return max(tok.item(), 1.0)
             else:  # sequential: wait for our turn, then a purely local step
                 worker.link.recv_control(step, Expect(torch.int64, (1,)))
                 norm = max(float(n_local), 1.0)
             loss_sum = worker.run_step(batch, step, norm, times)
+            norm = worker.loss_norm
             n_tok = float(n_local)
             worker.optimizer_step(fedsgd=fedsgd, grad_scale=norm / max(n_local, 1) if parallel else 1.0,
                                   times=times)
@@ -190,19 +195,24 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
         if topo.role is Role.CLIENT:
             per_client[worker.index], per_client[topo.clients + worker.index] = loss_sum, n_tok
         base = 3 + len(BYTE_KEYS)
-        sums = torch.cat([sums, per_client, meter.slot_vector(device=wire)])  # the cost model rides on this reduce
-        with TRACE.collective("metrics all-reduce (sum)", world, sums.numel() * 8):
-            dist.all_reduce(sums)
+        # One world reduce per step carries everything: the sums, the cost model's slots, and each
+        # rank's maxima in its own slot (a sum of one-hot slots is a gather: max taken here).
+        local = torch.tensor([time.perf_counter() - t0] + [times[p] for p in PHASES] + [saver.busy(), stop.requested],
+                             dtype=torch.float64, device=wire)
+        slots = torch.zeros(topo.world_size, local.numel(), dtype=torch.float64, device=wire)
+        slots[topo.rank] = local
+        sums = torch.cat([sums, per_client, meter.slot_vector(device=wire), slots.reshape(-1)])
+        with TRACE.collective("metrics all-reduce", world, sums.numel() * 8):
+            reduce.sum_(sums)  # one round trip on gloo (fedsea_hpc.distributed.reduce)
+        maxima = sums[-slots.numel():].view_as(slots).amax(0)
+        sums = sums[:-slots.numel()]
         costs = job_costs(sums[base + 2 * topo.clients:].cpu(), topo.clients, server_rank_of, bytes_per_row_token)
         loss_c, tok_c = sums[base:base + topo.clients].tolist(), sums[base + topo.clients:base + 2 * topo.clients].tolist()
         note["client_loss"] = [ls / max(t, 1.0) for ls, t in zip(loss_c, tok_c)]
-        step_time = time.perf_counter() - t0  # includes the metrics reduce: it is part of every step
-        maxima = torch.tensor([step_time] + [times[p] for p in PHASES] + [saver.busy(), stop.requested],
-                              dtype=torch.float64, device=wire)
-        with TRACE.collective("metrics all-reduce (max)", world, maxima.numel() * 8):
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # last slots: is any rank still writing a checkpoint,
         stopping = bool(maxima[-1] > 0)  # did any rank get SIGTERM/SIGUSR1?
-        saver.boundary(step + 1, anyone_busy=bool(maxima[-2] > 0))
+        saver.boundary(step + 1, anyone_busy=bool(maxima[-2] > 0))  # is any rank still writing a checkpoint?
+        # The step's wall time on this rank, its closing reduce included (the ranks leave it together).
+        maxima[0] = time.perf_counter() - t0
         maxima = maxima[:-2]
         TRACE.close(stamp, f"step {step + 1}", STEP, step=step + 1)
         if topo.rank == 0 and (measured := rebalancer.observe(step, float(maxima[0]))):

@@ -161,10 +161,13 @@ class ServerWorker:
         with span("B forward (DeepSpeed engine)"):
             out = self.engine(x, lengths, self.spans.active_rows(owners, self.device))
         tokens = [h.shape[0] for _, _, h in recv]  # each client's share of the packed tokens
-        grads_in = {}
+        grads_in, sending = {}, []
         for (c, _, h), o in zip(recv, pack_tokens(out, lengths).split(tokens) if recv else ()):
             grads_in[c] = self.links[c].irecv(Kind.GRADIENT, step, Expect(self.dtype, tuple(h.shape)), fused=True)
-            self.links[c].send_activation(o, step, fused=True)
+            # Every client's reply is posted before any is waited on: none waits for another to read.
+            sending.append(self.links[c].isend(Kind.ACTIVATION, o, step, fused=True))
+        for handle in sending:
+            handle.wait()
         t2 = time.perf_counter()
         grads = []
         for c, _, h in recv:
@@ -180,8 +183,10 @@ class ServerWorker:
         # averaged by anyone: undo the factor before it goes back (exact for a power of two).
         with span("B backward (DeepSpeed engine.backward)"):
             self.engine.backward((out * grad).sum() * self.topo.servers)
-        for (c, _, h), g in zip(recv, pack_tokens(x.grad, lengths).split(tokens) if recv else ()):
-            self.links[c].send_gradient(g / self.topo.servers, step, fused=True)
+        sending = [self.links[c].isend(Kind.GRADIENT, g / self.topo.servers, step, fused=True)
+                   for (c, _, h), g in zip(recv, pack_tokens(x.grad, lengths).split(tokens) if recv else ())]
+        for handle in sending:
+            handle.wait()
         t4 = time.perf_counter()
         times["server_compute_s"] += (t2 - t1) + (t4 - t3)
         times["wait_clients_s"] += (t1 - t0) + (t3 - t2)
