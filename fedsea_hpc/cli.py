@@ -1,5 +1,5 @@
 """``fedsea`` command line: ``train`` (default), ``generate``, ``sweep``, ``report``, ``fetch-model``,
-``config-reference``, ``ranks``.
+``config-reference``, ``ranks``, ``hostnames``.
 
 Argument parsing and dispatch only. Everything that can be wrong with the input (config,
 topology vs world size, model, split points, prompts, adapters) is checked on every rank
@@ -58,13 +58,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="the subcommand the ranks are for (generate always needs clients+servers)")
     rk.add_argument("--with-restarts", action="store_true", help="also print run.max_restarts (after the ranks)")
     rk.add_argument("overrides", nargs="*")
+    hn = sub.add_parser("hostnames", help="expand a Slurm host list (SLURM_JOB_NODELIST) without scontrol")
+    hn.add_argument("nodelist", help="e.g. node[01-04,07],gpu-a[1-2]")
+    hn.add_argument("--first", action="store_true", help="only the first host (where rank 0 runs)")
+    hn.add_argument("--what", default="host list", help="what to call the list in an error (e.g. SLURM_JOB_NODELIST)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("train", "generate", "sweep", "report", "fetch-model", "config-reference", "ranks",
-                                   "-h", "--help"):
+                                   "hostnames", "-h", "--help"):
         argv = ["train", *argv]
     args = _parser().parse_args(argv)
     if args.cmd == "config-reference":
@@ -83,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             say(f"fedsea: error: {e}")
             return EXIT_USAGE
+        return 0
+    if args.cmd == "hostnames":
+        from fedsea_hpc.distributed.env import say
+        from fedsea_hpc.distributed.nodelist import NodeListError, expand
+
+        try:
+            hosts = expand(args.nodelist)
+        except NodeListError as e:
+            say(f"fedsea: error: {args.what}: {e}; allowed: host names with [lo-hi,n] ranges, e.g. node[01-04,07]")
+            return EXIT_USAGE
+        print("\n".join(hosts[:1] if args.first else hosts))
         return 0
     if args.cmd in ("sweep", "report"):
         return _study(args, argv)

@@ -9,8 +9,10 @@ shift
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 . launch/setup_venv.sh
 # Rank 0 of the job runs on the first node of the allocation; every task reads the same value.
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# (scontrol where present, else fedsea's own parser of the compressed list: slurm/master_addr.sh)
+MASTER_ADDR="$(bash slurm/master_addr.sh)" || exit 2
 export MASTER_ADDR
+# One port per job (fedsea_hpc.distributed.env.slurm_port: the same rule for a bare srun).
 export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 if [ -n "${FEDSEA_IFNAME:-}" ]; then
   export GLOO_SOCKET_IFNAME="$FEDSEA_IFNAME" NCCL_SOCKET_IFNAME="$FEDSEA_IFNAME"

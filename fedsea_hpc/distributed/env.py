@@ -55,15 +55,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of Slurm job ``job_id`` (slurm/job.sh uses the same rule): one port
+    per job, so two jobs sharing a node do not collide."""
+    return 20000 + job_id % 20000
+
+
 def setup_torch_env(info: LaunchInfo) -> None:
     """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for ``init_process_group``.
 
-    MASTER_ADDR/PORT come from the environment when set (Slurm scripts export them). Otherwise
-    the job is single-node: loopback, and a free port chosen by rank 0 and agreed over MPI.
+    MASTER_ADDR/PORT come from the environment when set (Slurm scripts export them). A rank
+    started by ``srun`` without them takes the first host of ``SLURM_JOB_NODELIST`` and
+    :func:`slurm_port` of ``SLURM_JOB_ID``. Otherwise the job is single-node: loopback, and a
+    free port chosen by rank 0 and agreed over MPI. ``FEDSEA_IFNAME`` names the network
+    interface for gloo and NCCL (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``, unless set).
     """
     os.environ["RANK"] = str(info.rank)
     os.environ["WORLD_SIZE"] = str(info.world_size)
     os.environ["LOCAL_RANK"] = str(info.local_rank)
+    if ifname := os.environ.get("FEDSEA_IFNAME"):  # the interface gloo and NCCL talk over (e.g. ib0)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
+    if info.launcher == "slurm":  # srun without slurm/job.sh: the same address and port it would export
+        if "MASTER_ADDR" not in os.environ and os.environ.get("SLURM_JOB_NODELIST") is not None:
+            from fedsea_hpc.distributed.nodelist import NodeListError, first
+
+            try:
+                os.environ["MASTER_ADDR"] = first(os.environ["SLURM_JOB_NODELIST"])
+            except NodeListError as e:
+                raise NodeListError(f"SLURM_JOB_NODELIST: {e}; allowed: host names with [lo-hi,n] ranges, "
+                                    "e.g. node[01-04,07]") from None
+        if "MASTER_PORT" not in os.environ and os.environ.get("SLURM_JOB_ID", "").isdigit():
+            os.environ["MASTER_PORT"] = str(slurm_port(int(os.environ["SLURM_JOB_ID"])))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

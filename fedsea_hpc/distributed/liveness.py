@@ -68,8 +68,22 @@ class Heartbeat:
         self.store.add(HB + str(rank), 1)
         self._stop = threading.Event()
         self.watch = Watch([p for p in range(world_size) if p != rank], timeout_s, time.monotonic())
+        self.last_ok = time.monotonic()  # the end of the last store round that answered
         self.thread = threading.Thread(target=self._run, name="fedsea-heartbeat", daemon=True)
         self.thread.start()
+        # A store call may block past its own timeout (a host whose interface went down leaves
+        # TCP retrying): a second thread watches the first one's progress.
+        self.guard = threading.Thread(target=self._guard, name="fedsea-heartbeat-guard", daemon=True)
+        self.guard.start()
+
+    def _guard(self) -> None:
+        limit = self.timeout_s + 2 * self.interval
+        while not self._stop.wait(self.interval):
+            quiet = time.monotonic() - self.last_ok
+            if quiet > limit and not self._stop.is_set():
+                self.on_lost(f"[rank {self.rank}] fatal: lost rank 0: the rendezvous store it hosts has not "
+                             f"answered for {quiet:.0f} s (comm.timeout_s={self.timeout_s:g}; a store call is stuck)")
+                return
 
     def _run(self) -> None:
         store_quiet_since = None
@@ -82,6 +96,7 @@ class Heartbeat:
                     else:
                         self.watch.see(p, self.store.add(HB + str(p), 0), time.monotonic())
                 store_quiet_since = None
+                self.last_ok = time.monotonic()
             except Exception as e:  # noqa: BLE001 - any store failure: rank 0 (the host) may be gone
                 now = time.monotonic()
                 store_quiet_since = store_quiet_since or now
@@ -110,6 +125,7 @@ class Heartbeat:
         except Exception:  # noqa: BLE001 - the store host may have finished first
             pass
         self.thread.join(timeout=self.interval + 5)
+        self.guard.join(timeout=self.interval + 1)
 
 
 def _die(message: str) -> None:

@@ -13,7 +13,7 @@ in rank order and sends the sum back, so every rank ends with the same bits. Two
 buffers instead (one message each way; IEEE addition is commutative, so both get the same bits).
 It is used on gloo CPU buffers of at most :data:`STAR_MAX_BYTES`; NCCL and larger buffers go to
 ``dist.all_reduce``; a one-rank group has nothing to do. The messages carry their own tag, so they never match a link's messages
-(tag 0) between the same two ranks.
+(tag 0) between the same two ranks. A message that fails names the peer it was for.
 """
 from __future__ import annotations
 
@@ -39,25 +39,33 @@ def sum_(buf: torch.Tensor, group=None) -> None:
     if n == 2:
         other = ranks[1] if me == ranks[0] else ranks[0]
         theirs = torch.empty_like(flat)
-        works = [dist.isend(flat, other, group=group, tag=TAG), dist.irecv(theirs, other, group=group, tag=TAG)]
-        for w in works:
-            w.wait()
+        for w in [dist.isend(flat, other, group=group, tag=TAG), dist.irecv(theirs, other, group=group, tag=TAG)]:
+            _wait(w, me, other)
         first, second = (flat, theirs) if me == ranks[0] else (theirs, flat)
         total = first + second
     elif me == ranks[0]:
         parts = [torch.empty_like(flat) for _ in ranks[1:]]
-        for w in [dist.irecv(p, r, group=group, tag=TAG) for p, r in zip(parts, ranks[1:])]:
-            w.wait()
+        for w, r in [(dist.irecv(p, r, group=group, tag=TAG), r) for p, r in zip(parts, ranks[1:])]:
+            _wait(w, me, r)
         total = flat.clone()
         for p in parts:  # rank order: the same sum whatever order the messages arrived in
             total += p
-        for w in [dist.isend(total, r, group=group, tag=TAG) for r in ranks[1:]]:
-            w.wait()
+        for w, r in [(dist.isend(total, r, group=group, tag=TAG), r) for r in ranks[1:]]:
+            _wait(w, me, r)
     else:
-        dist.send(flat, ranks[0], group=group, tag=TAG)
         total = torch.empty_like(flat)
-        dist.recv(total, ranks[0], group=group, tag=TAG)
+        _wait(dist.isend(flat, ranks[0], group=group, tag=TAG), me, ranks[0])
+        _wait(dist.irecv(total, ranks[0], group=group, tag=TAG), me, ranks[0])
     if buf.is_contiguous():
         flat.copy_(total)
     else:
         buf.copy_(total.view_as(buf))
+
+
+def _wait(work, me: int, peer: int) -> None:
+    """Wait on one message of a sum; a failure names the peer (a rank that died, a node gone)."""
+    try:
+        work.wait()
+    except Exception as e:  # gloo raises RuntimeError with a transport message
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"rank {me}: lost rank {peer} during a sum ({cause})") from None
