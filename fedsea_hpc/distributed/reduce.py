@@ -12,8 +12,9 @@ winning again for a 2 MB buffer).
 in rank order and sends the sum back, so every rank ends with the same bits. Two ranks swap
 buffers instead (one message each way; IEEE addition is commutative, so both get the same bits).
 It is used on gloo CPU buffers of at most :data:`STAR_MAX_BYTES`; NCCL and larger buffers go to
-``dist.all_reduce``; a one-rank group has nothing to do. The messages carry their own tag, so they never match a link's messages
-(tag 0) between the same two ranks. A message that fails names the peer it was for.
+``dist.all_reduce``; a one-rank group has nothing to do. The messages carry their own tag, so
+they never match a link's messages (tag 0) between the same two ranks. A message that fails
+names the peer it was for.
 """
 from __future__ import annotations
 
