@@ -156,10 +156,12 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
     launch = detect_launch()
     prefix = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
     try:
-        from fedsea_hpc.components.setup import load_job_config, prepare
+        from fedsea_hpc.components.setup import load_data, load_job_config, prepare
 
         cfg = load_job_config(config_path, overrides, launch, job)  # before the heavy imports
         prepared = prepare(cfg, launch, job)
+        if job == "train" and prepared.topo is None:
+            load_data(prepared)  # centralized: one process, its error is the job's
         prompts = None
         if job == "generate":
             from fedsea_hpc.generate.run import check_inputs
@@ -170,10 +172,14 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
             from fedsea_hpc.distributed import process
             from fedsea_hpc.distributed.devices import DeviceError
 
+            from fedsea_hpc.data.dataset import DataError
+
             problem = None
             try:
                 devices = process.rank_devices(launch, prepared.topo, cfg)
-            except DeviceError as e:  # a GPU this rank lacks: every rank must hear of it
+                if job == "train":
+                    load_data(prepared)
+            except (DeviceError, DataError) as e:  # a GPU this rank lacks, its data: every rank must hear of it
                 problem = str(e)
             store = process.rendezvous(launch, cfg.comm)
             process.preflight(store, launch, problem, cfg.comm.startup_timeout_s)
@@ -200,7 +206,7 @@ def _run(job, launch, kind: str, prompts, devices, store) -> int:
     if job.topo is None:
         from fedsea_hpc.train.centralized import train_centralized
 
-        train_centralized(cfg, job.source, job.tokenizer, job.dtype)
+        train_centralized(cfg, job.source, job.tokenizer, job.dtype, job.data)
         return 0
     process.start(launch, job.topo, cfg.comm, devices, store)
     if kind == "generate":
@@ -210,7 +216,7 @@ def _run(job, launch, kind: str, prompts, devices, store) -> int:
     else:
         from fedsea_hpc.train.loop import PREEMPTED, train_split
 
-        if train_split(cfg, job.topo, job.source, job.tokenizer, job.dtype, devices, job.resume) == PREEMPTED:
+        if train_split(cfg, job.topo, job.source, job.dtype, devices, job.resume, job.data) == PREEMPTED:
             process.stop()
             return process.EXIT_PREEMPTED
     process.stop()

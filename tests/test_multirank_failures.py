@@ -33,6 +33,13 @@ BAD_INPUTS = {
     "memory_budget": (["split.client_memory_mb=[0.1]"], 2, "split.client_memory_mb"),
     "resume_missing": (["run.resume=/nonexistent/step-00000004"], 2, "run.resume"),
     "max_wait": (["comm.max_wait_s=-1"], 2, "comm.max_wait_s"),
+    "eval_missing": (["data.eval_files=[missing.jsonl]"], 2, "data.eval_files[0]"),
+    "eval_fraction": (["data.eval_fraction=0.7"], 2, "data.eval_fraction"),
+    "eval_every": (["train.eval_every=-2", "data.eval_fraction=0.1"], 2, "train.eval_every"),
+    # Found by the client rank that reads it, after the ranks met: the preflight tells every rank.
+    "eval_no_records": (["data.eval_files=[{root}/blank.jsonl]"], 2, "data.eval_files[0]"),
+    "eval_bad_record": (["topology.clients=2", "data.eval_files=[{root}/good.jsonl,{root}/bad.jsonl]"], 3,
+                        "data.eval_files[1]"),
 }
 
 
@@ -40,10 +47,13 @@ BAD_INPUTS = {
 def bad_runs(tmp_path_factory, mpiexec_path):
     """All bad-input launches at once (they fail before any communication, so they don't interact)."""
     root = tmp_path_factory.mktemp("bad")
+    (root / "blank.jsonl").write_text("\n\n")  # no record at all
+    (root / "good.jsonl").write_text('{"text": "a held-out line"}\n')
+    (root / "bad.jsonl").write_text('{"prompt": "2+2=", "response": ""}\n')  # a record it cannot learn from
     procs = {}
     for name, (args, n, _) in BAD_INPUTS.items():
         extra = [] if name == "world_mismatch" else ["topology.clients=1", "topology.servers=1"]
-        cmd = fedsea_command([*extra, *args, f"run.output_dir={root / name}"], n)
+        cmd = fedsea_command([*extra, *(a.replace("{root}", str(root)) for a in args), f"run.output_dir={root / name}"], n)
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True), time.monotonic())
     results = {}

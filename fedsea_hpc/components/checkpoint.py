@@ -240,12 +240,12 @@ def consolidated_start(res: Resume | None, servers: int, zero_stage: int):
 
 
 def _rows(path: str, step: int) -> list[dict]:
-    """The metrics rows of the steps before the checkpoint (one per step, in order)."""
+    """The metrics rows before the checkpoint (one per step, in order, and its eval passes)."""
     try:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise CheckpointError(f"run.resume: {path}: unreadable ({e})") from None
-    if [r.get("step") for r in rows] != list(range(1, step + 1)):
+    if [r.get("step") for r in rows if "eval_loss" not in r] != list(range(1, step + 1)):
         raise CheckpointError(f"run.resume: {path}: expected one row for each of steps 1..{step}")
     return rows

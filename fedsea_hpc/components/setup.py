@@ -23,6 +23,7 @@ class Job:
     tokenizer: object
     dtype: object  # torch.dtype
     resume: object = None  # components.checkpoint.Resume: the checkpoint this run continues from
+    data: object = None  # load_data: (train, eval or None) per client this rank holds; None elsewhere
 
 
 def load_job_config(config_path: str | None, overrides: list[str], launch: LaunchInfo, job: str) -> Config:
@@ -82,3 +83,20 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
 
         topo.place(static_placement(splits, source.config.num_hidden_layers, topo.servers))
     return Job(cfg, topo, source, tokenizer, getattr(torch, m.dtype), resume)
+
+
+def load_data(job: Job) -> None:
+    """The training and eval sets this rank holds, into ``job.data``: a client rank its own
+    ``(train, eval)``, ``train.mode=centralized`` every client's (a list), a server rank none.
+    Reads and tokenizes the files (no communication), so a bad file fails here with a one-line
+    ``DataError`` that the launch turns into every rank's error (``process.preflight``)."""
+    from fedsea_hpc.data.dataset import client_datasets
+    from fedsea_hpc.distributed.topology import Role
+
+    cfg, topo = job.cfg, job.topo
+    common = dict(tokenizer=job.tokenizer, seq_len=cfg.train.seq_len, seed=cfg.run.seed)
+    if topo is None:
+        job.data = [client_datasets(cfg.data, c, cfg.topology.clients, **common) for c in range(cfg.topology.clients)]
+    elif topo.role is Role.CLIENT:
+        silo = (None, None) if job.resume is None else (job.resume.silos[topo.client_index], job.resume.shards)
+        job.data = client_datasets(cfg.data, topo.client_index, topo.clients, **common, silo=silo[0], shards=silo[1])

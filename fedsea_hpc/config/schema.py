@@ -132,6 +132,9 @@ class PrivacyConfig:
                              "(summary.json then marks the run noise_seed_test_only).")
     grad_clip: float = _f(0.0, "Per-sample L2 clip of the gradient a client returns to the server; 0 = off.")
     grad_noise_std: float = _f(0.0, "σ of Gaussian noise added to that returned gradient; 0 = off.")
+    noise_in_eval: bool = _f(False, "Add the activation noise (privacy.noise_std) to the hidden states a client sends "
+                                    "during evaluation too. Off by default, as in the paper: eval loss then measures "
+                                    "the model, not the noise.")
 
 
 @dataclass(kw_only=True)
@@ -144,6 +147,9 @@ class TrainConfig:
     seq_len: int = _f(128, "Sequences are truncated to this many tokens (the cut is counted).")
     lr: float = _f(3e-3, "AdamW learning rate, same on every part.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    eval_every: int = _f(0, "Evaluate on every client's held-out set (data.eval_files or data.eval_fraction) every "
+                            "this many steps and after the last one; 0 = only after the last. Forward only: no "
+                            "optimizer step, no noise unless privacy.noise_in_eval. No effect without an eval set.")
 
 
 @dataclass(kw_only=True)
@@ -161,6 +167,12 @@ class FederatedConfig:
 class DataConfig:
     train_files: list = _f([], "JSONL files: one per client, or one sharded round-robin over clients. "
                                "[] = the small corpus shipped with the package.")
+    eval_files: list = _f([], "Held-out JSONL files, same formats and rules as data.train_files (one per client, or "
+                              "one sharded round-robin); each client evaluates on its own share, which never leaves "
+                              "it. [] = use data.eval_fraction.")
+    eval_fraction: float = _f(0.0, "With no data.eval_files: hold out this fraction (0, 0.5] of each client's "
+                                   "training records as its eval set, never trained on (the same records for a "
+                                   "given run.seed and data). 0 = no eval set.")
 
 
 # deepspeed.extra: keys that tune DeepSpeed without changing what the server computes, and the

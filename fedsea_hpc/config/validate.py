@@ -177,6 +177,17 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
         need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.train_files[{i}]: no such file {fpath!r}")
     n = len(cfg.data.train_files)
     need(n in (1, t.clients), f"data.train_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
+    d = cfg.data
+    need(d.eval_fraction == 0 or 0 < d.eval_fraction <= 0.5,
+         f"data.eval_fraction: must be 0 (no eval set) or in (0, 0.5], got {d.eval_fraction}")
+    need(not (d.eval_files and d.eval_fraction), "data.eval_fraction: give data.eval_files or data.eval_fraction, "
+                                                 f"not both (got {len(d.eval_files)} files and {d.eval_fraction})")
+    for i, fpath in enumerate(d.eval_files):
+        need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.eval_files[{i}]: no such file {fpath!r}")
+    n = len(d.eval_files)
+    need(n in (0, 1, t.clients), f"data.eval_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
+    need(_is_int(cfg.train.eval_every) and cfg.train.eval_every >= 0,
+         f"train.eval_every: must be an integer >= 0 (0 = only after the last step), got {cfg.train.eval_every}")
 
 
 def validate_generate(cfg: Config) -> None:

@@ -17,6 +17,7 @@ templates carry their own); the byte tokenizer adds none. Labels are aligned wit
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,10 +253,15 @@ class ClientData:
     """
 
     def __init__(self, files: list[str], client_index: int, num_clients: int, tokenizer,
-                 seq_len: int, seed: int, silo: int | None = None, shards: int | None = None):
+                 seq_len: int, seed: int, silo: int | None = None, shards: int | None = None, *,
+                 key: str = "data.train_files", holdout: float = 0.0, part: str = "train"):
         """``silo``/``shards``: which data silo this client is and how many shards a single file
         was cut into (default: ``client_index`` of ``num_clients``). A run resumed with fewer
-        clients keeps each silo's shard and shuffle (``run.resume_clients``)."""
+        clients keeps each silo's shard and shuffle (``run.resume_clients``).
+
+        ``key`` names the files in errors (``data.eval_files`` for an eval set). ``holdout`` > 0
+        (``data.eval_fraction``) sets aside ``held_out_indices`` of the shard: ``part="train"``
+        keeps the rest, ``part="eval"`` exactly those."""
         silo = client_index if silo is None else silo
         shards = num_clients if shards is None else shards
         if not (0 <= client_index < num_clients and seq_len >= 2 and seed >= 0):
@@ -266,14 +272,21 @@ class ClientData:
         elif len(files) == 1:
             index, records = 0, slice(silo, None, shards)
         else:
-            raise DataError(f"data.train_files: got {len(files)} files for {num_clients} clients; "
+            raise DataError(f"{key}: got {len(files)} files for {num_clients} clients; "
                             f"give 1 (sharded round-robin) or {num_clients} (one per client)")
-        label, path = f"data.train_files[{index}]", files[index]
+        label, path = f"{key}[{index}]", files[index]
         numbered = read_numbered_jsonl(path, label)
         shard = numbered[records] if records is not None else numbered
         if not shard:
             raise _locate(path, label, None, f"client {client_index} of {num_clients} gets no "
                           f"records (the file has {len(numbered)})")
+        if holdout > 0:
+            held = held_out_indices(len(shard), holdout, seed, silo)
+            if len(held) >= len(shard):
+                raise DataError(f"data.eval_fraction: client {client_index} has {len(shard)} training record(s) "
+                                f"in {label} ({path}); holding out {len(held)} leaves none to train on")
+            keep = set(held) if part == "eval" else set(range(len(shard))) - set(held)
+            shard = [r for i, r in enumerate(shard) if i in keep]
         self.seed, self.client_index, self.silo = seed, client_index, silo
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
@@ -289,9 +302,18 @@ class ClientData:
             self.dropped_examples += ex.num_loss_tokens == 0
             self.examples += [ex] if ex.num_loss_tokens else []
         if not self.examples:
-            raise _locate(path, label, None, f"client {client_index}: no record keeps a loss "
+            what = " held out by data.eval_fraction" if holdout > 0 and part == "eval" else ""
+            raise _locate(path, label, None, f"client {client_index}: no record{what} keeps a loss "
                           f"token within seq_len={seq_len}")
         self.num_examples = len(self.examples)
+
+    def eval_batches(self, micro_batch_size: int) -> list[Batch]:
+        """Every example once, in file order, ``micro_batch_size`` per batch (the last may be
+        smaller): an eval set's fixed pass."""
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        return [collate(self.examples[i:i + micro_batch_size], self.pad_id)
+                for i in range(0, self.num_examples, micro_batch_size)]
 
     def steps_per_epoch(self, micro_batch_size: int) -> int:
         """Batches per epoch (the last one may be partial)."""
@@ -316,3 +338,33 @@ class ClientData:
                 yield collate([self.examples[i] for i in order[start:start + micro_batch_size]],
                               self.pad_id)
             epoch, first = epoch + 1, 0
+
+
+# Mixed into the hold-out generator's seed so the held-out records do not follow the
+# training shuffle's stream ([seed, silo, epoch]).
+_HOLDOUT_STREAM = 0xE7A1
+
+
+def held_out_indices(n: int, fraction: float, seed: int, silo: int) -> list[int]:
+    """Which of a shard's ``n`` records ``data.eval_fraction`` holds out: ``ceil(fraction * n)``
+    of them (at least 1), drawn by ``numpy.random.default_rng([seed, silo, _HOLDOUT_STREAM])``
+    and returned sorted. The same for every run with the same seed, shard and fraction."""
+    if not (0 < fraction <= 1 and n >= 1):
+        raise ValueError(f"need 0 < fraction <= 1 and n >= 1, got {fraction}, {n}")
+    k = max(1, math.ceil(fraction * n - 1e-9))
+    return sorted(int(i) for i in np.random.default_rng([seed, silo, _HOLDOUT_STREAM]).permutation(n)[:k])
+
+
+def client_datasets(data, index: int, clients: int, tokenizer, seq_len: int, seed: int,
+                    silo: int | None = None, shards: int | None = None) -> tuple[ClientData, ClientData | None]:
+    """One client's training set and eval set (None without one) from the ``data`` config section:
+    ``data.eval_files`` (same per-client/sharded rules as the training files), else
+    ``data.eval_fraction`` held out of the client's own training records."""
+    args = (index, clients, tokenizer, seq_len, seed, silo, shards)
+    if data.eval_files:
+        return (ClientData(data.train_files, *args),
+                ClientData(data.eval_files, *args, key="data.eval_files"))
+    if data.eval_fraction > 0:
+        return (ClientData(data.train_files, *args, holdout=data.eval_fraction),
+                ClientData(data.train_files, *args, holdout=data.eval_fraction, part="eval"))
+    return ClientData(data.train_files, *args), None

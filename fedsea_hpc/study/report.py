@@ -54,6 +54,7 @@ def run_stats(r: Path) -> dict:
     """One finished run: step time, tokens/s, bytes per step, phase means, memory, labels."""
     summary = json.loads((r / "summary.json").read_text())
     rows = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [x for x in rows if "eval_loss" not in x]  # the optimizer steps' rows, not the eval passes'
     steady = rows[min(WARMUP, len(rows) - 1):]
     t = sum(x["step_time_s"] for x in steady)
     out = {
@@ -61,6 +62,7 @@ def run_stats(r: Path) -> dict:
         "tokens_per_s": sum(x["tokens"] for x in steady) / t if t > 0 else float("nan"),
         "bytes_per_step": sum(x["bytes_sent"] for x in rows) / len(rows),
         "final_loss": summary["final_loss"],
+        "eval_loss": summary.get("eval_loss", float("nan")),
         "phases": {p: statistics.fmean(x.get("phase_s", {}).get(p, 0.0) for x in steady) for p in PHASES},
         "memory": summary.get("memory", {}),
         "emulated": bool(summary.get("emulated")),
@@ -99,6 +101,7 @@ def collect(dirs: list[Path], project: dict | None = None) -> list[dict]:
                     row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([s[key] for s in stats])
                 row["bytes_per_step"] = statistics.fmean(s["bytes_per_step"] for s in stats)
                 row["final_loss"] = statistics.fmean(s["final_loss"] for s in stats)
+                row["eval_loss"] = _mean_std([s["eval_loss"] for s in stats])[0]  # nan: no eval set
                 row["phases"] = {p: statistics.fmean(s["phases"][p] for s in stats) for p in PHASES}
                 row["memory"] = _peak_memory([s["memory"] for s in stats])
                 row["emulated"] = any(s["emulated"] for s in stats)
@@ -180,8 +183,8 @@ def csv_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
     roles = sorted({k for r in rows for k in r.get("memory", {})})
     head = (["point", "status", *axes, "ranks", "repeats_done", "step_time_s_mean", "step_time_s_std",
              "tokens_per_s_mean", "tokens_per_s_std", "bytes_per_step", *[f"phase_{p}" for p in PHASES],
-             *[f"peak_mem_{role}_bytes" for role in roles], "efficiency", "final_loss", "emulated", "error",
-             "projected_step_s_mean", "projected_step_s_std"])
+             *[f"peak_mem_{role}_bytes" for role in roles], "efficiency", "final_loss", "eval_loss", "emulated",
+             "error", "projected_step_s_mean", "projected_step_s_std"])
     body = []
     for r in rows:
         body.append([r["point"], r["status"], *[r["axes"].get(a) for a in axes], r["ranks"], r["done"],
@@ -189,7 +192,7 @@ def csv_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
                      r.get("tokens_per_s_std"), r.get("bytes_per_step"),
                      *[r.get("phases", {}).get(p) for p in PHASES],
                      *[r.get("memory", {}).get(role) for role in roles], r.get("efficiency"), r.get("final_loss"),
-                     r.get("emulated", False), r.get("error"), r.get("projected_step_s_mean"),
+                     r.get("eval_loss"), r.get("emulated", False), r.get("error"), r.get("projected_step_s_mean"),
                      r.get("projected_step_s_std")])
     return head, body
 

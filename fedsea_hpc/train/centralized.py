@@ -16,14 +16,17 @@ from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES, MetricsLog
 from fedsea_hpc.components.outputs import save_atomically, write_text_atomically
 from fedsea_hpc.trace import OPTIM, STEP, TRACE, assemble, span, to_json
 from fedsea_hpc.config import Config
-from fedsea_hpc.data.dataset import ClientData, concat_batches
+from fedsea_hpc.data.dataset import concat_batches
 from fedsea_hpc.model.adapters import save_adapter
 from fedsea_hpc.model.lora import apply_lora, trainable
 from fedsea_hpc.model.masks import lengths_to_mask
 from fedsea_hpc.model.partition import loss_sum
+from fedsea_hpc.train import evaluation
 
 
-def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dict:
+def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype, data: list) -> dict:
+    """``data``: every client's (training set, eval set or None), in client order
+    (:func:`fedsea_hpc.components.setup.load_data`)."""
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.comm.backend != "gloo" else "cpu")
     model = source.build_model().to(device=device, dtype=dtype)
     model.config._attn_implementation = cfg.model.attn_implementation
@@ -31,8 +34,8 @@ def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dic
     model.train()
     params = trainable(model)
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    datas = [ClientData(cfg.data.train_files, c, cfg.topology.clients, tokenizer, cfg.train.seq_len, cfg.run.seed)
-             for c in range(cfg.topology.clients)]
+    datas = [train for train, _ in data]
+    eval_sets = [ev for _, ev in data if ev is not None]
     streams = [d.batches(cfg.train.micro_batch_size) for d in datas]
     log = MetricsLog(cfg.run, cfg.train, enabled=True)
     if cfg.run.trace:
@@ -58,6 +61,8 @@ def train_centralized(cfg: Config, source, tokenizer, dtype: torch.dtype) -> dic
                             + [0.0] * len(BYTE_KEYS), dtype=torch.float64)
         maxima = torch.tensor([t2 - t0] + [times[p] for p in PHASES], dtype=torch.float64)
         log.step(step, sums, maxima)
+        if evaluation.due(cfg, step + 1):
+            log.eval(evaluation.evaluate_centralized(model, eval_sets, cfg.train.micro_batch_size, device, step + 1))
     wall = time.perf_counter() - t_start
     save_atomically(os.path.join(cfg.run.output_dir, "adapters", "centralized"), lambda d: save_adapter(model, d))
     if cfg.run.trace:

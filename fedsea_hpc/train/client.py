@@ -34,17 +34,18 @@ class ClientWorker:
     ``device`` with its messages staged on ``wire`` (:mod:`fedsea_hpc.distributed.devices`).
 
     Takes only the config it uses: ``splits`` (every client's (p, q); the union decides which
-    client-side tensors are averaged together), ``train_files`` and ``seed`` for its data and
-    adapters, ``secure_aggregation`` (resolved), and ``dump_aggregation`` = (output dir, steps)
+    client-side tensors are averaged together), ``data`` (its training set and eval set, or None),
+    ``seed`` for its adapters, ``secure_aggregation`` (resolved), and ``dump_aggregation`` = (output dir, steps)
     of ``debug.dump_aggregation_steps``; ``emulator`` this client's EMULATED slowdown and link
     (:mod:`fedsea_hpc.adapt.emulate`; none by default).
     """
 
-    def __init__(self, topo: Topology, source, tokenizer, counter: ByteCounter, dtype: torch.dtype,
+    def __init__(self, topo: Topology, source, counter: ByteCounter, dtype: torch.dtype,
                  device: torch.device, wire: torch.device, *, splits: list[tuple[int, int]], train: TrainConfig,
-                 peft: PeftConfig, privacy: PrivacyConfig, comm: CommConfig, train_files: list[str], seed: int,
+                 peft: PeftConfig, privacy: PrivacyConfig, comm: CommConfig,
+                 data: tuple[ClientData, ClientData | None], seed: int,
                  secure_aggregation: bool, dump_aggregation: tuple[str, int] = ("", 0),
-                 emulator: Emulator = Emulator(), silo: tuple[int, int] | None = None):
+                 emulator: Emulator = Emulator()):
         self.topo, self.device, self.wire = topo, device, wire
         self.dump_aggregation = dump_aggregation
         self.emu = emulator
@@ -54,8 +55,8 @@ class ClientWorker:
         self._build_part()
         self.link = client_link(topo, comm, privacy, counter, wire, noise_device=device)
         self._comm, self._counter = comm, counter
-        silo_id, shards = silo if silo is not None else (self.index, topo.clients)  # (data silo, shards)
-        self.data = ClientData(train_files, self.index, topo.clients, tokenizer, train.seq_len, seed, silo_id, shards)
+        self.data, self.eval_data = data  # loaded before the job started (components.setup.load_data)
+        self.eval_batches = self.eval_data.eval_batches(train.micro_batch_size) if self.eval_data else []
         self.batches = self.data.batches(train.micro_batch_size)
         self.batches_taken = 0
         self.secure_sum = None
@@ -212,6 +213,35 @@ class ClientWorker:
         self.row_tokens = int(h_a.shape[0] * h_a.shape[1])
         self.saved_a, self.saved_c = saved_a.bytes, saved_c.bytes
         return float(total.detach())
+
+    @torch.no_grad()
+    def eval_pass(self, noise: bool, first_step: int) -> tuple[float, int, int]:
+        """Forward only over this client's eval set, A → server → C, batch r under header step
+        ``first_step + r`` (:mod:`fedsea_hpc.train.evaluation`): (loss sum, loss tokens, samples).
+        ``noise``: send h_A noised as in training (privacy.noise_in_eval); else exactly as computed."""
+        link, total, tokens, samples = self.link, 0.0, 0, 0
+        was = self.model.training
+        self.model.eval()
+        for r, batch in enumerate(self.eval_batches):
+            step, batch = first_step + r, batch.to(self.device)
+            lengths = batch.lengths
+            sent_lengths = link.isend(Kind.LENGTHS, lengths.to(torch.int64), step)
+            h0 = self.part.embed(batch.input_ids)
+            ctx = self.part.context(h0, lengths)
+            h_a = self.part.run_layers(h0, self.head_ids, ctx)
+            packed_a = pack_tokens(h_a, lengths)
+            reply = link.irecv(Kind.ACTIVATION, step, Expect(h_a.dtype, tuple(packed_a.shape)), fused=True)
+            if noise:
+                link.send_activation(packed_a, step, fused=True)
+            else:  # the channel itself: the one send that skips privatize, by the config's choice
+                link.channel.send(Kind.ACTIVATION, packed_a, step, fused=True)
+            sent_lengths.wait()
+            h_b = unpack_tokens(reply.wait().to(self.device), lengths, h_a.shape[1])
+            out = self.part.run_layers(h_b, self.tail_ids, ctx)
+            total += float(loss_sum(self.part.head_logits(out), batch.labels))
+            tokens, samples = tokens + batch.num_loss_tokens, samples + batch.input_ids.shape[0]
+        self.model.train(was)
+        return total, tokens, samples
 
     def optimizer_step(self, *, fedsgd: bool, grad_scale: float, times: dict) -> None:
         """Sum gradients over clients (FedSGD) or rescale them to a local mean, then step."""

@@ -32,6 +32,7 @@ from fedsea_hpc.distributed.process import StopRequest
 from fedsea_hpc.distributed.topology import Role, Topology
 from fedsea_hpc.model.adapters import PARTITION_FILE, save_adapter
 from fedsea_hpc.trace import OTHER, STEP, TRACE, gather
+from fedsea_hpc.train import evaluation
 from fedsea_hpc.train.client import ClientWorker
 from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect
@@ -51,15 +52,16 @@ def _fault_injection(cfg: Config, rank: int, step: int) -> None:
         time.sleep(cfg.debug.stall_s)
 
 
-def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dtype,
-                devices: Devices, resume: Resume | None = None) -> dict | None:
+def train_split(cfg: Config, topo: Topology, source, dtype: torch.dtype,
+                devices: Devices, resume: Resume | None = None, data=None) -> dict | None:
     """Run ``cfg.train.steps`` steps on this rank; rank 0 returns the summary.
 
     ``devices``: where this rank computes (``compute``) and where its messages and world
     collectives are staged (``wire``: the CPU under gloo, the local GPU under NCCL, which only
     moves CUDA tensors; :mod:`fedsea_hpc.distributed.devices`). ``resume``: the checkpoint to continue
     from (:mod:`fedsea_hpc.components.checkpoint`): parts, optimizers, data position, RNG streams,
-    partition and metrics rows come from it, and the loop starts at its step."""
+    partition and metrics rows come from it, and the loop starts at its step. ``data``: a client
+    rank's (training set, eval set or None) (:func:`fedsea_hpc.components.setup.load_data`)."""
     device, wire = devices.compute, devices.wire
     counter = ByteCounter()
     stop = StopRequest()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, then exit 75
@@ -70,9 +72,8 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
     splits = resume.splits if resume is not None else cfg.splits()
     common = dict(splits=splits, train=cfg.train, peft=cfg.peft, comm=cfg.comm, seed=cfg.run.seed)
     if topo.role is Role.CLIENT:
-        worker = ClientWorker(topo, source, tokenizer, counter, dtype, device, wire, **common, privacy=cfg.privacy,
-                              train_files=cfg.data.train_files, secure_aggregation=cfg.secure_aggregation(),
-                              silo=None if resume is None else (resume.silos[topo.client_index], resume.shards),
+        worker = ClientWorker(topo, source, counter, dtype, device, wire, **common, privacy=cfg.privacy,
+                              data=data, secure_aggregation=cfg.secure_aggregation(),
                               dump_aggregation=(cfg.run.output_dir, cfg.debug.dump_aggregation_steps),
                               emulator=Emulator.for_client(cfg.emulate, topo.client_index))
     else:
@@ -219,9 +220,11 @@ def train_split(cfg: Config, topo: Topology, source, tokenizer, dtype: torch.dty
             note["rebalance_measured"] = measured
         log.step(step, sums[:base].cpu(), maxima.cpu(), costs=costs, extra=note)
         note = {}
+        if evaluation.due(cfg, step + 1) and not (stopping and step + 1 < cfg.train.steps):
+            log.eval(evaluation.evaluate_split(cfg, topo, worker, counter, wire, step + 1))
         if saver.due(step + 1) or (stopping and step + 1 < cfg.train.steps):
             t_save = time.perf_counter()
-            path = saver.save(step + 1, worker, _checkpoint_meta(cfg, topo, rebalancer, resume), log.rows)
+            path = saver.save(step + 1, worker, _checkpoint_meta(cfg, topo, rebalancer, resume), log.all_rows)
             save_s = time.perf_counter() - t_save  # what training waits for: the snapshot (and an unfinished save)
             if topo.rank == 0:
                 saves.append({"step": step + 1, "path": path, "save_s": round(save_s, 4),

@@ -196,6 +196,32 @@ class ServerWorker:
             self.row_token_blocks += sum(len(n) * t_max * (self.spans.spans[c][1] - self.spans.spans[c][0])
                                          for c, n, _ in recv)
 
+    @torch.no_grad()
+    def eval_rounds(self, counts: list[int], first_step: int) -> None:
+        """An eval pass (:mod:`fedsea_hpc.train.evaluation`): ``counts[c]`` eval batches of client c;
+        in round r (header step ``first_step + r``) forward what this rank's clients with an r-th
+        batch sent, as one client-batch, and return each its h_B; no backward. A round where none
+        of its clients has a batch runs the dummy row, so every server rank calls the engine alike."""
+        self.engine.eval()
+        for r in range(max(counts, default=0)):
+            step = first_step + r
+            recv = self._recv_inputs([c for c in self.topo.clients_of(self.topo.rank) if r < counts[c]], step)
+            if recv:
+                lengths = torch.cat([n for _, n, _ in recv]).to(self.device)
+                x = unpack_tokens(torch.cat([h for _, _, h in recv]), lengths, int(lengths.max()))
+                owners = [c for c, n, _ in recv for _ in range(len(n))]
+            else:
+                x = torch.zeros(1, 1, self.hidden, dtype=self.dtype, device=self.device)
+                lengths, owners = torch.ones(1, dtype=torch.long, device=self.device), []
+            with span("B forward, eval (DeepSpeed engine)"):
+                out = self.engine(x.to(self.dtype), lengths, self.spans.active_rows(owners, self.device))
+            tokens = [h.shape[0] for _, _, h in recv]
+            sending = [self.links[c].isend(Kind.ACTIVATION, o, step, fused=True)
+                       for (c, _, _), o in zip(recv, pack_tokens(out, lengths).split(tokens) if recv else ())]
+            for handle in sending:
+                handle.wait()
+        self.engine.train()
+
     def _dump(self, step: int, tensors: dict) -> None:
         """debug.dump_wire_steps: keep exactly what arrived from the clients, for audits and tests."""
         out = os.path.join(self.dump_dir, "wire", f"step{step}")

@@ -1,0 +1,207 @@
+"""Held-out evaluation: eval sets per client (files or a held-out fraction), the eval pass during
+training in the split and centralized modes, and its rows in metrics.jsonl / summary.json."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import check_ok, load_metrics, load_summary, run_fedsea
+from fedsea_hpc.components.checkpoint import _rows
+from fedsea_hpc.components.metrics import MetricsLog, eval_rows, train_rows
+from fedsea_hpc.config import ConfigError, load_config
+from fedsea_hpc.data.dataset import ClientData, DataError, client_datasets, encode_record, held_out_indices, read_jsonl
+from fedsea_hpc.data.tokenizer import build_byte_tokenizer
+from fedsea_hpc.train.evaluation import due, eval_row
+
+TINY = Path(__file__).resolve().parents[1] / "fedsea_hpc" / "data" / "tiny"
+FILES = [str(TINY / f"client{i}.jsonl") for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+def ids(data: ClientData) -> list[tuple[int, ...]]:
+    return [tuple(e.input_ids) for e in data.examples]
+
+
+# ------------------------------------------------------------------ held-out sets
+
+
+def test_held_out_indices_are_deterministic_sized_and_seeded():
+    a = held_out_indices(100, 0.2, seed=0, silo=1)
+    assert a == held_out_indices(100, 0.2, seed=0, silo=1) and a == sorted(set(a)) and len(a) == 20
+    assert a != held_out_indices(100, 0.2, seed=1, silo=1) and a != held_out_indices(100, 0.2, seed=0, silo=2)
+    assert len(held_out_indices(7, 0.1, 0, 0)) == 1  # at least one record
+    assert len(held_out_indices(10, 0.25, 0, 0)) == 3  # ceil
+
+
+def test_eval_fraction_splits_each_shard_into_disjoint_train_and_eval(tok):
+    records = read_jsonl(FILES[0])
+    for c in range(3):  # one file sharded over 3 clients
+        train = ClientData(FILES[:1], c, 3, tok, 128, 0, holdout=0.2)
+        held = ClientData(FILES[:1], c, 3, tok, 128, 0, holdout=0.2, part="eval")
+        shard = [tuple(encode_record(r, tok, 128).input_ids) for r in records[c::3]]
+        assert sorted(ids(train) + ids(held)) == sorted(shard)
+        assert len(held.examples) == math.ceil(0.2 * len(shard))
+        assert not set(map(id, train.examples)) & set(map(id, held.examples))
+        # never trained on: two epochs of the training stream contain no held-out row
+        seen = set()
+        stream = train.batches(8)
+        for _ in range(2 * train.steps_per_epoch(8)):
+            b = next(stream)
+            seen |= {tuple(row[:n].tolist()) for row, n in zip(b.input_ids, b.lengths)}
+        assert seen == set(ids(train)) and not seen & set(ids(held)) - set(ids(train))
+
+
+def test_client_datasets_follow_the_config(tok):
+    def data(**kw):
+        return SimpleNamespace(**{"train_files": FILES, "eval_files": [], "eval_fraction": 0.0} | kw)
+
+    train, held = client_datasets(data(), 1, 3, tok, 128, 0)
+    assert held is None and train.num_examples == ClientData(FILES, 1, 3, tok, 128, 0).num_examples
+    train, held = client_datasets(data(eval_files=FILES[2:]), 1, 3, tok, 128, 0)  # one eval file, sharded
+    assert ids(held) == [tuple(encode_record(r, tok, 128).input_ids) for r in read_jsonl(FILES[2])[1::3]]
+    assert ids(train) == ids(ClientData(FILES, 1, 3, tok, 128, 0))  # the training set is untouched
+    train, held = client_datasets(data(eval_fraction=0.1), 1, 3, tok, 128, 0)
+    assert len(held.examples) + len(train.examples) == len(read_jsonl(FILES[1]))
+
+
+def test_eval_batches_are_every_example_once_in_order(tok):
+    held = ClientData(FILES, 0, 3, tok, 128, 0, holdout=0.1, part="eval")
+    batches = held.eval_batches(8)
+    assert [len(b.lengths) for b in batches[:-1]] == [8] * (len(batches) - 1) and len(batches[-1].lengths) <= 8
+    rows = [tuple(r[:n].tolist()) for b in batches for r, n in zip(b.input_ids, b.lengths)]
+    assert rows == ids(held)
+
+
+def test_a_fraction_that_leaves_nothing_to_train_on_names_the_key(tmp_path, tok):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"text": "only one"}\n')
+    with pytest.raises(DataError, match=r"^data.eval_fraction: client 0 has 1 training record.*leaves none"):
+        ClientData([str(path)], 0, 1, tok, 128, 0, holdout=0.5)
+
+
+def test_eval_files_errors_name_their_key(tmp_path, tok):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": ""}\n')
+    with pytest.raises(DataError, match=r"^data.eval_files\[0\]: line 1:"):
+        ClientData([str(path)], 0, 1, tok, 128, 0, key="data.eval_files")
+    with pytest.raises(DataError, match=r"^data.eval_files: got 2 files for 3 clients"):
+        ClientData(FILES[:2], 0, 3, tok, 128, 0, key="data.eval_files")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.eval_fraction=0.6"], "data.eval_fraction: must be 0 (no eval set) or in (0, 0.5], got 0.6"),
+    (["data.eval_fraction=-0.1"], "data.eval_fraction: must be 0 (no eval set) or in (0, 0.5], got -0.1"),
+    ([f"data.eval_files=[{FILES[0]}]", "data.eval_fraction=0.1"], "data.eval_fraction: give data.eval_files or"),
+    (["data.eval_files=[nope.jsonl]"], "data.eval_files[0]: no such file 'nope.jsonl'"),
+    ([f"data.eval_files=[{FILES[0]},{FILES[1]}]"], "data.eval_files: give 1 file (sharded) or 3"),
+    (["train.eval_every=-1"], "train.eval_every: must be an integer >= 0"),
+])
+def test_bad_eval_config_is_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["topology.clients=3", *overrides])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_eval_is_due_every_n_steps_and_after_the_last():
+    def cfg(every, **data):
+        d = SimpleNamespace(**{"eval_files": [], "eval_fraction": 0.1} | data)
+        return SimpleNamespace(data=d, train=SimpleNamespace(eval_every=every, steps=10))
+
+    assert [s for s in range(1, 11) if due(cfg(0), s)] == [10]
+    assert [s for s in range(1, 11) if due(cfg(4), s)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if due(cfg(5), s)] == [5, 10]
+    assert not any(due(cfg(2, eval_fraction=0.0), s) for s in range(1, 11))
+
+
+# ------------------------------------------------------------------ rows and summary
+
+
+def test_eval_rows_are_token_weighted_and_kept_apart_from_step_rows(tmp_path):
+    run = SimpleNamespace(output_dir=str(tmp_path), progress=False, log_every=1)
+    train = SimpleNamespace(steps=2, mode="parallel")
+    log = MetricsLog(run, train, enabled=True)
+    import torch
+
+    from fedsea_hpc.components.metrics import BYTE_KEYS, PHASES
+    for step in range(2):
+        log.step(step, torch.tensor([10.0, 5.0, 2.0] + [0.0] * len(BYTE_KEYS)), torch.zeros(1 + len(PHASES)))
+        log.eval(eval_row(step + 1, [(6.0, 3.0, 1.0), (2.0, 1.0, 1.0)], 0.5, 100, False))
+    summary = log.finish(1.0)
+    row = eval_rows(load_rows(tmp_path))[-1]
+    assert row["eval_loss"] == 2.0 and row["eval_client_loss"] == [2.0, 2.0] and row["eval_tokens"] == 4
+    assert math.isclose(row["eval_ppl"], math.exp(2.0))
+    assert summary["steps"] == 2 and summary["final_loss"] == 2.0  # the step rows alone
+    assert summary["eval_loss"] == 2.0 and summary["eval_step"] == 2 and len(summary["evals"]) == 2
+    rows = load_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 1, 2, 2] and len(train_rows(rows)) == 2
+    # a checkpoint's metrics.jsonl keeps its eval rows, and resumes with them in order
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text())
+    kept = _rows(str(tmp_path / "ck" / "metrics.jsonl"), 2)
+    again = MetricsLog(SimpleNamespace(output_dir=str(tmp_path / "again"), progress=False, log_every=1), train,
+                       enabled=True, rows=kept)
+    assert again.all_rows == rows and len(again.rows) == 2 and len(again.evals) == 2
+
+
+def load_rows(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+# ------------------------------------------------------------------ the real entry point
+
+EVAL = ["privacy.noise_std=0", "federated.avg_every=1", "train.steps=4", "train.lr=1e-3", "train.eval_every=2",
+        "data.eval_fraction=0.2", "topology.clients=2", "topology.servers=2", "deepspeed.zero_stage=3"]
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tmp_path_factory, mpiexec_path):
+    root = tmp_path_factory.mktemp("eval")
+    out = {}
+    noised = ["privacy.noise_seed=0", "train.steps=2", "data.eval_fraction=0.2", "topology.clients=1",
+              "topology.servers=1"]  # the default noise on what is sent during training
+    for name, args, n in [("split", EVAL, 4), ("central", [*EVAL, "train.mode=centralized"], None),
+                          ("noise_off", noised, 2), ("noise_on", [*noised, "privacy.noise_in_eval=true"], 2)]:
+        check_ok(run_fedsea([*args, f"run.output_dir={root / name}"], n=n))
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.multirank
+def test_split_eval_equals_centralized_eval_with_noise_off(eval_runs):
+    split, central = (eval_rows(load_metrics(eval_runs[k])) for k in ("split", "central"))
+    assert [r["step"] for r in split] == [r["step"] for r in central] == [2, 4]
+    for s, c in zip(split, central):
+        assert abs(s["eval_loss"] - c["eval_loss"]) < 1e-4, (s, c)
+        assert all(abs(a - b) < 1e-4 for a, b in zip(s["eval_client_loss"], c["eval_client_loss"]))
+        assert s["eval_client_tokens"] == c["eval_client_tokens"] and s["eval_noise"] is False
+        assert s["eval_bytes_sent"] > 0 and c["eval_bytes_sent"] == 0
+    assert split[1]["eval_loss"] < split[0]["eval_loss"]  # trained on, got better on unseen data
+    summary = load_summary(eval_runs["split"])
+    assert summary["eval_loss"] == split[-1]["eval_loss"] and summary["eval_step"] == 4
+    assert summary["steps"] == 4 and len(summary["losses"]) == 4
+
+
+@pytest.mark.multirank
+def test_noise_in_eval_noises_only_the_eval_pass(eval_runs):
+    off, on = (load_metrics(eval_runs[k]) for k in ("noise_off", "noise_on"))
+    assert [r["loss"] for r in train_rows(off)] == [r["loss"] for r in train_rows(on)]  # same noised training
+    (e_off,), (e_on,) = eval_rows(off), eval_rows(on)
+    assert e_off["step"] == e_on["step"] == 2 and (e_off["eval_noise"], e_on["eval_noise"]) == (False, True)
+    assert e_off["eval_tokens"] == e_on["eval_tokens"] and e_off["eval_loss"] != e_on["eval_loss"]
+    assert load_summary(eval_runs["noise_on"])["eval_noise"] is True
+
+
+@pytest.mark.multirank
+def test_training_with_an_eval_pass_still_equals_centralized(eval_runs):
+    rows = train_rows(load_metrics(eval_runs["split"]))
+    central = train_rows(load_metrics(eval_runs["central"]))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(rows, central))
