@@ -161,7 +161,7 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
         cfg = load_job_config(config_path, overrides, launch, job)  # before the heavy imports
         prepared = prepare(cfg, launch, job)
         if job == "train" and prepared.topo is None:
-            load_data(prepared)  # centralized: one process, its error is the job's
+            load_data(prepared)  # centralized / local: one process, its error is the job's
         prompts = None
         if job == "generate":
             from fedsea_hpc.generate.run import check_inputs
@@ -203,6 +203,11 @@ def _run(job, launch, kind: str, prompts, devices, store) -> int:
     torch.manual_seed(cfg.run.seed)
     if launch.rank == 0:
         write_yaml(os.path.join(cfg.run.output_dir, "config.yaml"), cfg.to_dict())
+    if job.topo is None and cfg.train.mode == "local":
+        from fedsea_hpc.train.local import train_local
+
+        train_local(cfg, job.source, job.tokenizer, job.dtype, job.data)
+        return 0
     if job.topo is None:
         from fedsea_hpc.train.centralized import train_centralized
 

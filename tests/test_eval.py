@@ -205,3 +205,53 @@ def test_training_with_an_eval_pass_still_equals_centralized(eval_runs):
     central = train_rows(load_metrics(eval_runs["central"]))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(rows, central))
+
+
+# ------------------------------------------------------------------ train.mode=local
+
+LOCAL = ["train.steps=3", "train.lr=1e-3", "train.eval_every=0", "data.eval_fraction=0.2"]
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    out = {}
+    for name, args in [("local1", ["train.mode=local", "topology.clients=1"]),
+                       ("central1", ["train.mode=centralized", "topology.clients=1"]),
+                       ("local2", ["train.mode=local", "topology.clients=2"])]:
+        check_ok(run_fedsea([*LOCAL, *args, f"run.output_dir={root / name}"]))
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.multirank
+def test_local_with_one_client_is_centralized_with_one_client(local_runs):
+    local, central = (load_metrics(local_runs[k]) for k in ("local1", "central1"))
+    assert [r["loss"] for r in train_rows(local)] == pytest.approx([r["loss"] for r in train_rows(central)], abs=1e-6)
+    (e_local,), (e_central,) = eval_rows(local), eval_rows(central)
+    assert e_local["eval_loss"] == pytest.approx(e_central["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.multirank
+def test_local_trains_each_silo_alone_and_scores_every_model_on_every_set(local_runs):
+    out = local_runs["local2"]
+    (row,) = eval_rows(load_metrics(out))
+    m = row["eval_matrix"]
+    assert len(m) == 2 and all(len(r) == 2 for r in m)
+    assert row["eval_client_loss"] == pytest.approx([m[0][0], m[1][1]])
+    assert row["eval_loss"] == pytest.approx(sum(row["eval_model_loss"]) / 2)
+    tok = row["eval_client_tokens"]
+    assert row["eval_model_loss"][1] == pytest.approx((m[1][0] * tok[0] + m[1][1] * tok[1]) / sum(tok))
+    summary = load_summary(out)
+    assert summary["mode"] == "local" and summary["bytes_sent_total"] == 0
+    assert set(summary["memory"]["parts"]) == {"local0", "local1"}
+    from safetensors.torch import load_file
+    a, b = (load_file(str(out / "adapters" / f"local{c}" / "adapter_model.safetensors")) for c in range(2))
+    assert a.keys() == b.keys() and any(not (a[k] == b[k]).all() for k in a)  # two silos, two models
+
+
+@pytest.mark.multirank
+def test_local_refuses_several_processes(tmp_path, mpiexec_path):
+    proc = run_fedsea(["train.mode=local", "topology.clients=1", f"run.output_dir={tmp_path}"], n=2)
+    assert proc.returncode == 2
+    assert "train.mode: local runs in one process, but the launcher started 2" in proc.stdout + proc.stderr

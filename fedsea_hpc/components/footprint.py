@@ -79,8 +79,9 @@ def world_report(topo, device: torch.device, wire: torch.device, parts: dict) ->
                        "per_rank_peak_bytes": per_rank, "parts": out_parts}}
 
 
-def local_report(device: torch.device, parts: dict) -> dict:
-    """``train.mode=centralized``: one process holds the whole model."""
+def local_report(device: torch.device, parts: dict, role: str = "centralized") -> dict:
+    """One process: ``train.mode=centralized`` holds the whole model (``parts`` its bytes);
+    ``train.mode=local`` (``role="local"``) one whole model per client (``parts``: ``local<i>`` each)."""
     peak, measure = peak_bytes(device)
-    return {"memory": {"measure": measure, "peak_bytes": {"centralized": peak}, "per_rank_peak_bytes": [peak],
-                       "parts": {"centralized": parts}}}
+    return {"memory": {"measure": measure, "peak_bytes": {role: peak}, "per_rank_peak_bytes": [peak],
+                       "parts": {role: parts} if role == "centralized" else parts}}

@@ -99,8 +99,10 @@ class MetricsLog:
         self._postfix()
         if not self.run.progress:
             per = ", ".join(f"{x:.4f}" for x in row["eval_client_loss"])
+            models = row.get("eval_model_loss")  # train.mode=local: each client's own model
+            shared = "" if models is None else "; each model on the shared set " + ", ".join(f"{x:.4f}" for x in models)
             print(f"eval after step {row['step']}: loss {row['eval_loss']:.4f} (ppl {row['eval_ppl']:.2f}; "
-                  f"per client {per}) in {row['eval_s']:.2f}s", flush=True)
+                  f"per client {per}{shared}) in {row['eval_s']:.2f}s", flush=True)
 
     def _write(self, row: dict) -> None:
         self.all_rows.append(row)
@@ -161,6 +163,7 @@ class MetricsLog:
         if not self.evals:
             return {}
         last = self.evals[-1]
-        keep = ("eval_loss", "eval_ppl", "eval_tokens", "eval_client_loss", "eval_client_ppl", "eval_noise")
-        return {"eval_step": last["step"], **{k: last[k] for k in keep},
+        keep = ("eval_loss", "eval_ppl", "eval_tokens", "eval_client_loss", "eval_client_ppl", "eval_noise",
+                "eval_model_loss", "eval_matrix")
+        return {"eval_step": last["step"], **{k: last[k] for k in keep if k in last},
                 "evals": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in self.evals]}

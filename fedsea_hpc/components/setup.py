@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedsea_hpc.config import Config, ConfigError, check_world_size, load_config, validate
+from fedsea_hpc.config import ONE_PROCESS_MODES, Config, ConfigError, check_world_size, load_config, validate
 from fedsea_hpc.distributed.env import LaunchInfo, say
 from fedsea_hpc.stack import ALLOW_ENV, check_stack
 
 
 @dataclass
 class Job:
-    """One rank's view of a job, ready to start. ``topo`` is None for ``train.mode=centralized``."""
+    """One rank's view of a job, ready to start. ``topo`` is None in the one-process modes
+    (``train.mode`` centralized, local)."""
 
     cfg: Config
     topo: object | None  # Topology
@@ -34,9 +35,9 @@ def load_job_config(config_path: str | None, overrides: list[str], launch: Launc
         if launch.rank == 0:
             say(f"fedsea: warning: {warning} (running untested: {ALLOW_ENV}=1)")
     cfg = load_config(config_path, overrides)
-    if job == "train" and cfg.train.mode == "centralized":
+    if job == "train" and cfg.train.mode in ONE_PROCESS_MODES:
         if launch.world_size != 1:
-            raise ConfigError(f"train.mode: centralized runs in one process, but the launcher started "
+            raise ConfigError(f"train.mode: {cfg.train.mode} runs in one process, but the launcher started "
                               f"{launch.world_size}; run it without mpiexec or with -n 1")
     else:
         check_world_size(cfg.topology.clients, cfg.topology.servers, launch.world_size)
@@ -52,8 +53,8 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
     from fedsea_hpc.distributed.topology import Topology
     from fedsea_hpc.model.loading import resolve_model
 
-    centralized = job == "train" and cfg.train.mode == "centralized"
-    topo = None if centralized else Topology(cfg.topology.clients, cfg.topology.servers, launch.rank,
+    one_process = job == "train" and cfg.train.mode in ONE_PROCESS_MODES  # one process, no topology
+    topo = None if one_process else Topology(cfg.topology.clients, cfg.topology.servers, launch.rank,
                                              launch.world_size)
     m = cfg.model
     tokenizer = load_tokenizer(m.name_or_path, cache_dir=m.cache_dir or None)
@@ -69,9 +70,9 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
     if job == "train":
         from fedsea_hpc.components import checkpoint
 
-        if centralized and (cfg.run.save_every or cfg.run.resume != "off"):
+        if one_process and (cfg.run.save_every or cfg.run.resume != "off"):
             raise ConfigError("run.save_every / run.resume: checkpoints are written by the split modes only "
-                              "(train.mode parallel or sequential), not centralized")
+                              f"(train.mode parallel or sequential), not {cfg.train.mode}")
         resume = checkpoint.find(cfg.run)
         if resume is not None:
             resume = checkpoint.check_resume(resume, cfg, launch.rank)
@@ -87,7 +88,7 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
 
 def load_data(job: Job) -> None:
     """The training and eval sets this rank holds, into ``job.data``: a client rank its own
-    ``(train, eval)``, ``train.mode=centralized`` every client's (a list), a server rank none.
+    ``(train, eval)``, ``train.mode=centralized`` / ``local`` every client's (a list), a server rank none.
     Reads and tokenizes the files (no communication), so a bad file fails here with a one-line
     ``DataError`` that the launch turns into every rank's error (``process.preflight``)."""
     from fedsea_hpc.data.dataset import client_datasets

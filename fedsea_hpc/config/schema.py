@@ -24,6 +24,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# train.mode values that run in one process, without a split (no server, no wire).
+ONE_PROCESS_MODES = ("centralized", "local")
+
 # The paper reports its default noise (0.02) as the mean absolute value of the Gaussian noise;
 # E|ε| = σ·sqrt(2/π), so the matching standard deviation is 0.02·sqrt(π/2) ≈ 0.02507.
 PAPER_NOISE_SIGMA = 0.02 * math.sqrt(math.pi / 2)
@@ -139,9 +142,10 @@ class PrivacyConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    mode: Literal["parallel", "sequential", "centralized"] = _f(
+    mode: Literal["parallel", "sequential", "centralized", "local"] = _f(
         "parallel", "parallel: all clients at once (client-batch); sequential: one client at a time; "
-        "centralized: one process, the unsplit model on the union of the clients' batches.")
+        "centralized: one process, the unsplit model on the union of the clients' batches; local: one process, "
+        "each client's own full copy of the model trained on its own data only (the silo-alone baseline).")
     steps: int = _f(60, "Optimizer steps.")
     micro_batch_size: int = _f(8, "Sequences per client per step.")
     seq_len: int = _f(128, "Sequences are truncated to this many tokens (the cut is counted).")
@@ -303,4 +307,4 @@ class Config:
         return sa is True or (sa == "auto" and self.topology.clients >= 3)
 
     def world_size(self) -> int:
-        return 1 if self.train.mode == "centralized" else self.topology.clients + self.topology.servers
+        return 1 if self.train.mode in ONE_PROCESS_MODES else self.topology.clients + self.topology.servers

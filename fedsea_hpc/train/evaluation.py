@@ -4,7 +4,8 @@ The split modes run it through the same parts and the same wire as training (A o
 B on its server rank → C and the loss on the client), with no optimizer step and, unless
 ``privacy.noise_in_eval``, no noise on what a client sends. Eval data stays on its client like
 training data: only hidden states of its real tokens cross. ``train.mode=centralized`` computes
-the same on the union with the unsplit model, so with noise off the two agree to rounding.
+the same on the union with the unsplit model, so with noise off the two agree to rounding;
+``train.mode=local`` scores each client's own model on every client's set (:func:`evaluate_local`).
 
 A pass is rounds: in round r every client with more than r eval batches sends its r-th; a server
 rank forwards what its clients sent as one client-batch, or a dummy row when none of its clients
@@ -92,12 +93,11 @@ def evaluate_split(cfg: Config, topo: Topology, worker, counter, wire: torch.dev
 
 
 @torch.no_grad()
-def evaluate_centralized(model, eval_sets, micro_batch_size: int, device: torch.device, done: int) -> dict:
-    """``train.mode=centralized``: the same pass with the unsplit model, client by client."""
-    t0 = time.perf_counter()
+def eval_sets_pass(model, eval_sets, micro_batch_size: int, device: torch.device) -> list[tuple[float, int, int]]:
+    """An unsplit model over each eval set: (loss sum, loss tokens, samples) per set."""
     was = model.training
     model.eval()
-    per_client = []
+    per_set = []
     for data in eval_sets:
         total, tokens, samples = 0.0, 0, 0
         for batch in data.eval_batches(micro_batch_size):
@@ -105,6 +105,33 @@ def evaluate_centralized(model, eval_sets, micro_batch_size: int, device: torch.
             mask = lengths_to_mask(batch.lengths, batch.input_ids.shape[1], "right")
             total += float(loss_sum(model(input_ids=batch.input_ids, attention_mask=mask).logits, batch.labels))
             tokens, samples = tokens + batch.num_loss_tokens, samples + batch.input_ids.shape[0]
-        per_client.append((total, tokens, samples))
+        per_set.append((total, tokens, samples))
     model.train(was)
+    return per_set
+
+
+def evaluate_centralized(model, eval_sets, micro_batch_size: int, device: torch.device, done: int) -> dict:
+    """``train.mode=centralized``: the same pass with the unsplit model, client by client."""
+    t0 = time.perf_counter()
+    per_client = eval_sets_pass(model, eval_sets, micro_batch_size, device)
     return eval_row(done, per_client, time.perf_counter() - t0, 0, False)
+
+
+def evaluate_local(models, eval_sets, micro_batch_size: int, device: torch.device, done: int) -> dict:
+    """``train.mode=local``: every client's own model on every client's eval set.
+
+    ``eval_loss`` is the mean over the clients' models of each one's loss on the shared eval set
+    (the union of the eval sets, token-weighted): how well the average silo alone does on what
+    federation is judged on. ``eval_model_loss[m]`` is model m's loss on that shared set,
+    ``eval_client_loss[c]`` client c's model on its own eval set, ``eval_matrix[m][c]`` model m
+    on client c's set."""
+    t0 = time.perf_counter()
+    table = [eval_sets_pass(m, eval_sets, micro_batch_size, device) for m in models]
+    shared = [sum(ls for ls, _, _ in row) / max(sum(t for _, t, _ in row), 1) for row in table]
+    own = [table[c][c] for c in range(len(models))]
+    out = eval_row(done, own, time.perf_counter() - t0, 0, False)
+    loss = sum(shared) / len(shared)
+    out.update(eval_loss=loss, eval_ppl=perplexity(loss), eval_tokens=int(sum(t for _, t, _ in table[0])),
+               eval_samples=int(sum(s for _, _, s in table[0])), eval_model_loss=shared,
+               eval_matrix=[[ls / max(t, 1) for ls, t, _ in row] for row in table])
+    return out
