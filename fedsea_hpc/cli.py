@@ -1,4 +1,4 @@
-"""``fedsea`` command line: ``train`` (default), ``generate``, ``sweep``, ``report``, ``fetch-model``,
+"""``fedsea`` command line: ``train`` (default), ``generate``, ``eval``, ``sweep``, ``report``, ``fetch-model``,
 ``config-reference``, ``ranks``, ``hostnames``.
 
 Argument parsing and dispatch only. Everything that can be wrong with the input (config,
@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="generate from prompts (run under mpiexec/srun with clients+servers ranks)")
     ge.add_argument("--config", help="YAML config file")
     ge.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ev = sub.add_parser("eval", help="score a model/adapters on the clients' eval sets: loss, exact match, ROUGE-L "
+                                     "(run under mpiexec/srun with clients+servers ranks)")
+    ev.add_argument("--config", help="YAML config file")
+    ev.add_argument("overrides", nargs="*", help="section.key=value overrides")
     sw = sub.add_parser("sweep", help="run every point of a grid (fedsea_hpc/study/grid.py), then report")
     sw.add_argument("--grid", required=True, help="grid YAML: config, set, axes, points, repeats")
     sw.add_argument("--out", required=True, help="sweep directory (a re-run skips the runs already done)")
@@ -54,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("config-reference", help="print the config reference (markdown)")
     rk = sub.add_parser("ranks", help="print how many ranks a config needs (for launch scripts)")
     rk.add_argument("--config")
-    rk.add_argument("--for", dest="job", choices=["train", "generate"], default="train",
-                    help="the subcommand the ranks are for (generate always needs clients+servers)")
+    rk.add_argument("--for", dest="job", choices=["train", "generate", "eval"], default="train",
+                    help="the subcommand the ranks are for (generate and eval always need clients+servers)")
     rk.add_argument("--with-restarts", action="store_true", help="also print run.max_restarts (after the ranks)")
     rk.add_argument("overrides", nargs="*")
     hn = sub.add_parser("hostnames", help="expand a Slurm host list (SLURM_JOB_NODELIST) without scontrol")
@@ -67,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "generate", "sweep", "report", "fetch-model", "config-reference", "ranks",
-                                   "hostnames", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "generate", "eval", "sweep", "report", "fetch-model", "config-reference",
+                                   "ranks", "hostnames", "-h", "--help"):
         argv = ["train", *argv]
     args = _parser().parse_args(argv)
     if args.cmd == "config-reference":
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cfg = load_config(args.config, args.overrides)
-            n = cfg.topology.clients + cfg.topology.servers if args.job == "generate" else cfg.world_size()
+            n = cfg.topology.clients + cfg.topology.servers if args.job in ("generate", "eval") else cfg.world_size()
             print(f"{n} {cfg.run.max_restarts}" if args.with_restarts else n)
         except ValueError as e:
             say(f"fedsea: error: {e}")
@@ -167,6 +171,10 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
             from fedsea_hpc.generate.run import check_inputs
 
             prompts = check_inputs(prepared)
+        elif job == "eval":
+            from fedsea_hpc.evaluate.run import check_inputs as check_eval_inputs
+
+            check_eval_inputs(prepared)
         devices = store = None
         if prepared.topo is not None:  # split modes: where this rank computes, agreed before any rank waits
             from fedsea_hpc.distributed import process
@@ -177,7 +185,7 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
             problem = None
             try:
                 devices = process.rank_devices(launch, prepared.topo, cfg)
-                if job == "train":
+                if job in ("train", "eval"):
                     load_data(prepared)
             except (DeviceError, DataError) as e:  # a GPU this rank lacks, its data: every rank must hear of it
                 problem = str(e)
@@ -218,6 +226,10 @@ def _run(job, launch, kind: str, prompts, devices, store) -> int:
         from fedsea_hpc.generate.run import generate_split
 
         generate_split(job, prompts, devices)
+    elif kind == "eval":
+        from fedsea_hpc.evaluate.run import eval_split
+
+        eval_split(job, devices)
     else:
         from fedsea_hpc.train.loop import PREEMPTED, train_split
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Run a job on this machine: launch/local.sh [train|generate] [--config FILE] [section.key=value ...]
+# Run a job on this machine: launch/local.sh [train|generate|eval] [--config FILE] [section.key=value ...]
 # With no arguments: the default training job (configs/default.yaml); `generate` defaults to
-# configs/generate.yaml. Sets up .venv on first use.
+# configs/generate.yaml, `eval` to configs/default.yaml (give it an eval set: data.eval_fraction=...).
+# Sets up .venv on first use.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 . launch/setup_venv.sh
 job=train
-if [ "${1-}" = train ] || [ "${1-}" = generate ]; then job="$1"; shift; fi
+if [ "${1-}" = train ] || [ "${1-}" = generate ] || [ "${1-}" = eval ]; then job="$1"; shift; fi
 args=("$@")
 if [[ " ${args[*]-} " != *" --config "* ]]; then
-  args=(--config "configs/$([ "$job" = train ] && echo default || echo generate).yaml" "${args[@]}")
+  args=(--config "configs/$([ "$job" = generate ] && echo generate || echo default).yaml" "${args[@]}")
 fi
 read -r ranks restarts < <(python -m fedsea_hpc ranks --with-restarts --for "$job" "${args[@]}") || exit 2
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared body of slurm/train.sbatch and slurm/generate.sbatch: slurm/job.sh {train|generate} [args]
+# Shared body of slurm/train.sbatch, generate.sbatch and eval.sbatch: slurm/job.sh {train|generate|eval} [args]
 # Environment knobs: FEDSEA_IFNAME (network interface for gloo/NCCL, e.g. ib0), MASTER_PORT,
 # FEDSEA_VENV / FEDSEA_CONSTRAINTS / FEDSEA_EXTRAS (see launch/setup_venv.sh; on a GPU cluster
 # use FEDSEA_CONSTRAINTS= to keep the site's CUDA torch, FEDSEA_EXTRAS=test to skip the MPICH wheel).
@@ -19,7 +19,7 @@ if [ -n "${FEDSEA_IFNAME:-}" ]; then
 fi
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 args=("$@")
-[ ${#args[@]} -gt 0 ] || args=(--config "configs/$([ "$job" = train ] && echo default || echo generate).yaml")
+[ ${#args[@]} -gt 0 ] || args=(--config "configs/$([ "$job" = generate ] && echo generate || echo default).yaml")
 read -r need restarts < <(python -m fedsea_hpc ranks --with-restarts --for "$job" "${args[@]}") || exit 2
 if [ "$need" != "${SLURM_NTASKS:-}" ]; then
   echo "fedsea: error: the config needs $need ranks (topology.clients + topology.servers), the job has ${SLURM_NTASKS:-?} tasks" >&2

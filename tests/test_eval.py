@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import check_ok, load_metrics, load_summary, run_fedsea
+from conftest import COMMON_ARGS, MPIEXEC, REPO, check_ok, load_metrics, load_summary, run_fedsea, subprocess_env
 from fedsea_hpc.components.checkpoint import _rows
 from fedsea_hpc.components.metrics import MetricsLog, eval_rows, train_rows
 from fedsea_hpc.config import ConfigError, load_config
@@ -255,3 +257,87 @@ def test_local_refuses_several_processes(tmp_path, mpiexec_path):
     proc = run_fedsea(["train.mode=local", "topology.clients=1", f"run.output_dir={tmp_path}"], n=2)
     assert proc.returncode == 2
     assert "train.mode: local runs in one process, but the launcher started 2" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ fedsea eval
+
+
+def test_exact_match_normalisation_and_rouge_l():
+    from fedsea_hpc.evaluate.scores import exact_match, normalize, rouge_l
+
+    assert normalize("  The\tAnswer\n is  ４２ ") == "the answer is 42"  # NFKC, casefold, whitespace
+    assert exact_match("Paris", " paris ") and not exact_match("Paris.", "Paris")  # punctuation counts
+    assert rouge_l("the cat sat", "the cat sat") == 1.0 and rouge_l("dog", "the cat") == 0.0
+    assert rouge_l("the cat sat on the mat", "the cat on mat") == pytest.approx(0.8)
+
+
+def test_scorable_records_and_their_prompts(tok):
+    from fedsea_hpc.data.dataset import encode_prompt
+    from fedsea_hpc.evaluate.scores import scorable
+
+    recs = [{"text": "no reference"}, {"prompt": "2+2=", "response": "4"}]
+    (item,) = scorable(recs, tok)
+    assert item.reference == "4" and item.prompt.ids == encode_prompt("2+2=", tok)  # as training encodes it
+
+
+def run_eval(args: list[str], n: int, config: Path | None = None) -> subprocess.CompletedProcess:
+    """``mpiexec -n n fedsea eval [--config CONFIG] COMMON_ARGS ARGS``."""
+    conf = [] if config is None else ["--config", str(config)]
+    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, "-m", "fedsea_hpc", "eval", *conf, *COMMON_ARGS, *args]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.multirank
+def test_fedsea_eval_of_a_runs_adapters_gives_its_final_eval_loss(eval_runs, tmp_path):
+    run = eval_runs["split"]
+    out = tmp_path / "eval"
+    check_ok(run_eval([f"eval.adapters_dir={run / 'adapters'}", f"run.output_dir={out}", "generate.max_new_tokens=2",
+                       "eval.max_records=6"], 4, config=run / "config.yaml"))
+    summary = json.loads((out / "eval_summary.json").read_text())
+    last = eval_rows(load_metrics(run))[-1]
+    assert abs(summary["overall"]["eval_loss"] - last["eval_loss"]) < 1e-4
+    assert [c["eval_tokens"] for c in summary["per_client"]] == last["eval_client_tokens"]
+    for c, client in enumerate(summary["per_client"]):
+        assert abs(client["eval_loss"] - last["eval_client_loss"][c]) < 1e-4
+        rows = [json.loads(x) for x in (out / f"eval_predictions-client{c}.jsonl").read_text().splitlines()]
+        assert len(rows) == client["scored"] == 6
+        assert client["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 6)
+    assert summary["overall"]["scored"] == 12 and summary["noise"] is False
+
+
+@pytest.mark.multirank
+def test_fedsea_eval_scores_answers_against_references(eval_runs, tmp_path):
+    """References made of the model's own greedy answers: every one matches exactly."""
+    run, first = eval_runs["split"], tmp_path / "first"
+    base = [f"eval.adapters_dir={run / 'adapters'}", "generate.max_new_tokens=3", "eval.max_records=8"]
+    check_ok(run_eval([*base, f"run.output_dir={first}"], 4, config=run / "config.yaml"))
+    records = []
+    for c in range(2):
+        for r in (json.loads(x) for x in (first / f"eval_predictions-client{c}.jsonl").read_text().splitlines()):
+            if r["completion"]:  # a response must be non-empty
+                records.append({"prompt": r["prompt"], "response": r["completion"]})
+    assert records, "the model answered nothing"
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = tmp_path / "again"
+    check_ok(run_eval([*base, "data.eval_fraction=0", f"data.eval_files=[{tmp_path / 'own.jsonl'}]",
+                       f"run.output_dir={again}"], 4, config=run / "config.yaml"))
+    overall = json.loads((again / "eval_summary.json").read_text())["overall"]
+    assert overall["scored"] == len(records)  # <= 8 per client: every one is scored
+    assert overall["exact_match"] == 1.0
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("args, key", [
+    (["data.eval_fraction=0"], "data.eval_files: `fedsea eval` needs an eval set"),
+    (["data.eval_fraction=0.2", "eval.adapters_dir=/nonexistent"], "eval.adapters_dir: no such directory"),
+    (["data.eval_fraction=0.2", "model.tiny_hidden_size=32", "model.tiny_intermediate_size=64", "{adapters}"],
+     "eval.adapters_dir: "),
+])
+def test_fedsea_eval_bad_input_is_exit_2_on_every_rank(eval_runs, tmp_path, args, key):
+    adapters = f"eval.adapters_dir={eval_runs['split'] / 'adapters'}"
+    args = [adapters if a == "{adapters}" else a for a in args]
+    proc = run_eval(["topology.clients=2", "topology.servers=2", *args, f"run.output_dir={tmp_path / 'o'}"], 4)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "fedsea: error:" in ln]
+    assert len(lines) == 4 and all(ln.split("fedsea: error: ", 1)[1].startswith(key) for ln in lines), lines
+    assert "Traceback" not in proc.stderr

@@ -124,7 +124,8 @@ def _is_rank_of(proc_dir: Path, out: Path) -> bool:
 
 
 @pytest.mark.parametrize("script, config, need", [("train.sbatch", "configs/default.yaml", 4),
-                                                  ("generate.sbatch", "configs/generate.yaml", 3)])
+                                                  ("generate.sbatch", "configs/generate.yaml", 3),
+                                                  ("eval.sbatch", "configs/default.yaml", 4)])
 def test_sbatch_script_refuses_a_task_count_that_does_not_match(fake_slurm, tmp_path, script, config, need):
     proc = fake_slurm(need + 1, "--config", config, f"run.output_dir={tmp_path / 'out'}", script=script)
     assert proc.returncode == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -119,6 +120,21 @@ def test_train_sbatch_completes_and_the_progress_bar_starts_after_set_up(straigh
     first = re.search(r"1/6 \[(\d+):(\d+)<", text)
     assert first, text[-2000:]
     assert int(first.group(1)) * 60 + int(first.group(2)) < s["setup_s"], (first.group(0), s["setup_s"])
+
+
+def test_eval_sbatch_scores_the_trained_run(straight, slurm, tmp_path):
+    """``sbatch --ntasks=4 slurm/eval.sbatch``: the run's adapters on held-out records of each client."""
+    _, run, _ = straight
+    log, out = tmp_path / "eval.out", tmp_path / "eval"
+    job = slurm.submit("eval.sbatch", log, ["--ntasks=4"],
+                       ["--config", "configs/default.yaml", "data.eval_fraction=0.05",
+                        f"eval.adapters_dir={run / 'adapters'}", "generate.max_new_tokens=2", "eval.max_records=2",
+                        "comm.timeout_s=30", f"run.output_dir={out}"])
+    info = slurm.wait(job, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _tail(log)
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert summary["clients"] == 3 and summary["overall"]["scored"] == 6
+    assert math.isfinite(summary["overall"]["eval_loss"]) and summary["adapters_dir"] == str(run / "adapters")
 
 
 def test_a_job_whose_ntasks_disagree_with_the_config_fails_fast_with_one_line(slurm, tmp_path):

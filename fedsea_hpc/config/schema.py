@@ -271,6 +271,17 @@ class GenerateConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    adapters_dir: str = _f("", "`fedsea eval`: a training run's adapters/ dir (client<i>/ onto Parts A+C, server/ onto "
+                               "Part B); '' = the base model. The eval sets are data.eval_files / data.eval_fraction.")
+    generate: bool = _f(True, "`fedsea eval`: also generate an answer for each {prompt, response} or chat record "
+                              "(greedy unless generate.temperature; generate.max_new_tokens, stop, batch_size) and "
+                              "score it against the reference: exact match and ROUGE-L F1 (README, Evaluation).")
+    max_records: int = _f(0, "`fedsea eval`: generate for at most this many records per client (the first ones); "
+                             "0 = all. The loss always covers the whole eval set.")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -286,6 +297,7 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     emulate: EmulateConfig = field(default_factory=EmulateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -199,6 +199,17 @@ def validate_generate(cfg: Config) -> None:
         raise ConfigError(f"generate.adapters_dir: no such directory {cfg.generate.adapters_dir!r}")
 
 
+def validate_eval(cfg: Config) -> None:
+    """Rules that hold only for `fedsea eval`: an eval set, a readable adapters dir."""
+    if not (cfg.data.eval_files or cfg.data.eval_fraction > 0):
+        raise ConfigError("data.eval_files: `fedsea eval` needs an eval set; allowed: data.eval_files=[F, ...] "
+                          "or data.eval_fraction in (0, 0.5] (the training run's, to score its held-out records)")
+    if cfg.eval.adapters_dir and not Path(cfg.eval.adapters_dir).is_dir():
+        raise ConfigError(f"eval.adapters_dir: no such directory {cfg.eval.adapters_dir!r}")
+    if not (_is_int(cfg.eval.max_records) and cfg.eval.max_records >= 0):
+        raise ConfigError(f"eval.max_records: must be an integer >= 0 (0 = all), got {cfg.eval.max_records}")
+
+
 def check_world_size(clients: int, servers: int, world_size: int) -> None:
     """The launcher must start exactly one rank per client and per server."""
     if clients + servers != world_size:

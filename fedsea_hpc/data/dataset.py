@@ -291,6 +291,7 @@ class ClientData:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
         self.examples: list[Example] = []
+        self.records: list[dict] = []  # the record of each example, in the same order (fedsea eval's references)
         self.truncated_sequences = self.truncated_tokens = self.dropped_examples = 0
         for line, record in shard:
             try:
@@ -301,6 +302,7 @@ class ClientData:
             self.truncated_tokens += ex.truncated_tokens
             self.dropped_examples += ex.num_loss_tokens == 0
             self.examples += [ex] if ex.num_loss_tokens else []
+            self.records += [record] if ex.num_loss_tokens else []
         if not self.examples:
             what = " held out by data.eval_fraction" if holdout > 0 and part == "eval" else ""
             raise _locate(path, label, None, f"client {client_index}: no record{what} keeps a loss "

@@ -22,11 +22,12 @@ import torch
 from fedsea_hpc.components.links import client_link
 from fedsea_hpc.components.outputs import write_text_atomically
 from fedsea_hpc.config import CommConfig, Config, GenerateConfig, PrivacyConfig
+from fedsea_hpc.data.dataset import IGNORE_INDEX
 from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.generate.decoding import new_cache, next_tokens
 from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
 from fedsea_hpc.model.adapters import load_adapter
-from fedsea_hpc.model.partition import build_part, client_layers
+from fedsea_hpc.model.partition import build_part, client_layers, loss_sum
 from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect
 
@@ -66,6 +67,28 @@ class GenClient:
         h_b = self._exchange(self.part.run_layers(h, self.head_ids, ctx, cache=cache))
         out = self.part.run_layers(h_b, self.tail_ids, ctx, cache=cache)
         return self.part.head_logits(out[:, -1:])[:, 0]
+
+    def score_batch(self, batch) -> float:
+        """The loss sum of a training-style ``Batch`` (right-padded ids and labels) through the
+        same protocol as a prompt: CONTROL, LENGTHS, one exchange of the whole (left-padded)
+        sequences, then the batch end; C computes every position's logits (``fedsea eval``)."""
+        dev, b = self.device, batch.input_ids.shape[0]
+        n = batch.lengths.to(dev)
+        t = int(n.max())
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long, device=dev)
+        labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long, device=dev)
+        for r in range(b):  # left padding, as for a prompt
+            k = int(n[r])
+            ids[r, t - k:], labels[r, t - k:] = batch.input_ids[r, :k], batch.labels[r, :k]
+        self.link.send_control(torch.tensor([b], dtype=torch.long), self.s)
+        self.link.send_lengths(n, self.s)
+        h = self.part.embed(ids)
+        ctx = self.part.context(h, n, "left", past=0, cache=None)
+        h_b = self._exchange(self.part.run_layers(h, self.head_ids, ctx))
+        total = loss_sum(self.part.head_logits(self.part.run_layers(h_b, self.tail_ids, ctx)), labels)
+        self.link.send_activation(torch.zeros(0, 1, self.hidden, dtype=h.dtype, device=dev), self.s)  # batch end
+        self.s += 1
+        return float(total)
 
     def run_batch(self, prompts) -> list[dict]:
         g, dev = self.g, self.device
