@@ -341,3 +341,31 @@ def test_fedsea_eval_bad_input_is_exit_2_on_every_rank(eval_runs, tmp_path, args
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "fedsea: error:" in ln]
     assert len(lines) == 4 and all(ln.split("fedsea: error: ", 1)[1].startswith(key) for ln in lines), lines
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.multirank
+def test_fedsea_eval_of_a_local_model_gives_its_shared_set_loss(local_runs, tmp_path):
+    """A whole-model adapter (adapters/local1/) goes onto every part: the silo's model, split."""
+    run, out = local_runs["local2"], tmp_path / "eval"
+    check_ok(run_eval([f"eval.adapters_dir={run / 'adapters' / 'local1'}", "eval.generate=false",
+                       f"run.output_dir={out}"], 3, config=run / "config.yaml"))
+    summary = json.loads((out / "eval_summary.json").read_text())
+    (row,) = eval_rows(load_metrics(run))
+    assert abs(summary["overall"]["eval_loss"] - row["eval_model_loss"][1]) < 1e-4
+    assert [c["eval_loss"] for c in summary["per_client"]] == pytest.approx(row["eval_matrix"][1], abs=1e-4)
+    assert summary["overall"]["scored"] == 0 and summary["generation"] is None
+
+
+def test_digit_code_task_is_non_iid_deterministic_and_held_out(tmp_path):
+    from fedsea_hpc.data.make_digit_code import CODE, SLICES, encode, make
+
+    paths = make(str(tmp_path / "a"), train=50, eval_=10, seed=3)
+    assert make(str(tmp_path / "b"), train=50, eval_=10, seed=3) and all(
+        Path(p).read_text() == (tmp_path / "b" / Path(p).name).read_text() for p in paths)
+    assert encode("4071") == " m q t w" and len(set(CODE)) == 10
+    for c, digits in enumerate(SLICES):
+        train, held = (read_jsonl(str(tmp_path / "a" / f"client{c}_{part}.jsonl")) for part in ("train", "eval"))
+        nums = [r["prompt"].split()[1] for r in train + held]
+        assert len(train) == 50 and len(held) == 10 and len(set(nums)) == 60  # eval never in training
+        assert all(set(n) <= set(digits) for n in nums) and all(r["response"] == encode(r["prompt"].split()[1])
+                                                                 for r in train + held)

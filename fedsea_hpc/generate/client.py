@@ -26,7 +26,7 @@ from fedsea_hpc.data.dataset import IGNORE_INDEX
 from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.generate.decoding import new_cache, next_tokens
 from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
-from fedsea_hpc.model.adapters import load_adapter
+from fedsea_hpc.model.adapters import load_adapter, part_dir
 from fedsea_hpc.model.partition import build_part, client_layers, loss_sum
 from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect
@@ -43,8 +43,7 @@ class GenClient:
         p, q = split
         self.head_ids, self.tail_ids = list(range(p)), list(range(n_layers - q, n_layers))
         self.part = build_part(source, client_layers(n_layers, p, q), embed=True, head=True, dtype=dtype).to(device)
-        adapter = os.path.join(self.g.adapters_dir, f"client{self.index}") if self.g.adapters_dir else None
-        self.model = load_adapter(self.part, adapter).eval()
+        self.model = load_adapter(self.part, part_dir(self.g.adapters_dir, f"client{self.index}")).eval()
         self.counter = ByteCounter()
         self.link = client_link(topo, comm, privacy, self.counter, wire, noise=self.g.noise, noise_device=device)
         self.sampler = torch.Generator().manual_seed(self.g.seed + self.index)

@@ -16,7 +16,6 @@ rows but someone has clients, nobody runs; if no rank has clients left, the loop
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -28,7 +27,7 @@ from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.distributed.topology import Topology
 from fedsea_hpc.generate.decoding import new_cache
 from fedsea_hpc.generate.stats import STAT_KEYS, finish_stats
-from fedsea_hpc.model.adapters import load_adapter
+from fedsea_hpc.model.adapters import load_adapter, part_dir
 from fedsea_hpc.model.partition import ServerSpans, build_part
 from fedsea_hpc.transport.p2p import ByteCounter
 from fedsea_hpc.transport.wire import Expect, WireError, check_lengths
@@ -51,7 +50,7 @@ class GenServer:
         self.part = build_part(source, list(self.spans.layer_ids), embed=False, head=False, dtype=dtype).to(device)
         # The module that owns the parameters (peft-wrapped when a LoRA adapter is loaded); its
         # forward is PartModel.forward, one call per tick.
-        self.forward = load_adapter(self.part, os.path.join(g.adapters_dir, "server") if g.adapters_dir else None).eval()
+        self.forward = load_adapter(self.part, part_dir(g.adapters_dir, "server")).eval()
         if deepspeed.zero_stage == 3:
             # Only ZeRO-3 shards parameters; stages 0-2 shard optimizer state, which inference has none of.
             from fedsea_hpc.components.engine import server_engine

@@ -79,16 +79,35 @@ def saved_partition(root: str, clients: int, *, key: str) -> list[tuple[int, int
     return splits
 
 
+def is_whole_model(root: str) -> bool:
+    """Whether ``root`` is one whole-model adapter (``train.mode`` centralized or local:
+    ``adapters/centralized/``, ``adapters/local<i>/``) rather than a split run's ``adapters/``."""
+    return bool(root) and any((Path(root) / f).is_file() for f in (ADAPTER_FILE, FULL_FILE))
+
+
+def part_dir(root: str, part: str) -> str | None:
+    """Where part ``part`` (``client<i>``, ``server``) loads its adapter from: ``root/part`` for a
+    split run's ``adapters/``, ``root`` itself for a whole-model adapter (every part takes its own
+    layers of it), None for no adapter."""
+    if not root:
+        return None
+    return root if is_whole_model(root) else os.path.join(root, part)
+
+
 def check_adapters(root: str, source, splits: list[tuple[int, int]], *, key: str, model_name: str) -> None:
-    """Check a run's ``adapters/`` dir against this model and these per-client splits.
+    """Check a run's ``adapters/`` dir (or one whole-model adapter, :func:`is_whole_model`)
+    against this model and these per-client splits.
 
     Reads only file headers (no communication, every rank can do it). Raises ``ConfigError``
     naming ``key`` for a missing part or one trained on another model or split.
     """
     root_p = Path(root)
     n_layers = source.config.num_hidden_layers
-    want = {f"client{c}": client_layers(n_layers, p, q) for c, (p, q) in enumerate(splits)}
-    want["server"] = server_layers(n_layers, splits)
+    if is_whole_model(root):  # every layer, for every part to take its own
+        want = {"": list(range(n_layers))}
+    else:
+        want = {f"client{c}": client_layers(n_layers, p, q) for c, (p, q) in enumerate(splits)}
+        want["server"] = server_layers(n_layers, splits)
     dims = linear_dims(source.config)
     ref_shapes = None
     for name, layers in want.items():
@@ -127,7 +146,8 @@ def load_adapter(part: PartModel, d: str | None) -> nn.Module:
     own = part.state_dict()
     with torch.no_grad():
         for k, v in state.items():
-            own[k].copy_(v.to(own[k].dtype))
+            if k in own:  # a whole-model file holds the other parts' layers too (check_adapters vetted it)
+                own[k].copy_(v.to(own[k].dtype))
     if part.has_embed and part.has_head and part.config.tie_word_embeddings:
         part.lm_head.weight = part.model.embed_tokens.weight
     return part
