@@ -177,10 +177,9 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
             check_eval_inputs(prepared)
         devices = store = None
         if prepared.topo is not None:  # split modes: where this rank computes, agreed before any rank waits
+            from fedsea_hpc.data.dataset import DataError
             from fedsea_hpc.distributed import process
             from fedsea_hpc.distributed.devices import DeviceError
-
-            from fedsea_hpc.data.dataset import DataError
 
             problem = None
             try:

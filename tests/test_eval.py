@@ -362,7 +362,7 @@ def test_digit_code_task_is_non_iid_deterministic_and_held_out(tmp_path):
     paths = make(str(tmp_path / "a"), train=50, eval_=10, seed=3)
     assert make(str(tmp_path / "b"), train=50, eval_=10, seed=3) and all(
         Path(p).read_text() == (tmp_path / "b" / Path(p).name).read_text() for p in paths)
-    assert encode("4071") == " m q t w" and len(set(CODE)) == 10
+    assert encode("4071") == " m q v w" and len(set(CODE)) == 10
     for c, digits in enumerate(SLICES):
         train, held = (read_jsonl(str(tmp_path / "a" / f"client{c}_{part}.jsonl")) for part in ("train", "eval"))
         nums = [r["prompt"].split()[1] for r in train + held]

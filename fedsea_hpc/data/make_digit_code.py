@@ -3,7 +3,7 @@
 Each record asks to encode a number with a fixed secret code (one letter per digit) and answers
 with the letters, space-separated::
 
-    {"prompt": "Encode 4071 with the digit code.\\nCode:", "response": " m q t w"}
+    {"prompt": "Encode 4071 with the digit code.\\nCode:", "response": " m q v w"}
 
 Split **non-IID** over 3 clients: client 0 sees only numbers made of the digits 0-3, client 1 of
 4-6, client 2 of 7-9. Each client's eval file holds held-out numbers of its own slice, so the
