@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from fedsea_hpc.components.outputs import write_json, write_text_atomically
 from fedsea_hpc.config import validate_eval
-from fedsea_hpc.distributed.env import say, store_barrier
+from fedsea_hpc.distributed.env import store_barrier
 from fedsea_hpc.distributed.topology import Role
 from fedsea_hpc.evaluate.scores import exact_match, rouge_l, scorable
 
@@ -43,19 +43,11 @@ def check_inputs(job) -> None:
     """Every rank, before any communication: an eval set, the adapters (of this model, at the
     partition they were saved at). Generation then runs with eval.adapters_dir and noise only
     under privacy.noise_in_eval."""
-    from fedsea_hpc.model.adapters import check_adapters, saved_partition
+    from fedsea_hpc.generate.run import follow_adapters
 
-    cfg, topo = job.cfg, job.topo
+    cfg = job.cfg
     validate_eval(cfg)
-    if cfg.eval.adapters_dir:
-        saved = saved_partition(cfg.eval.adapters_dir, cfg.topology.clients, key="eval.adapters_dir")
-        if saved is not None and saved != cfg.splits():  # the run rebalanced: follow its final partition
-            if topo.rank == 0:
-                say(f"fedsea: note: eval.adapters_dir was saved at split.per_client={[list(x) for x in saved]} "
-                    f"(the training run's final partition); using it instead of {[list(x) for x in cfg.splits()]}")
-            cfg.split.per_client = [list(x) for x in saved]
-        check_adapters(cfg.eval.adapters_dir, job.source, cfg.splits(), key="eval.adapters_dir",
-                       model_name=cfg.model.name_or_path)
+    follow_adapters(job, cfg.eval.adapters_dir, "eval.adapters_dir")
     cfg.generate = dataclasses.replace(cfg.generate, adapters_dir=cfg.eval.adapters_dir,
                                        noise=bool(cfg.privacy.noise_in_eval))
 

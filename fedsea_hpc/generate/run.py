@@ -18,24 +18,33 @@ def check_inputs(job) -> list | None:
     communicates, so bad input makes all ranks exit 2 alike. Returns this rank's prompts
     (None on a server rank)."""
     from fedsea_hpc.data.prompts import load_prompts
-    from fedsea_hpc.distributed.env import say
-    from fedsea_hpc.model.adapters import check_adapters, saved_partition
 
     cfg, topo = job.cfg, job.topo
     validate_generate(cfg)
     max_pos = job.source.config.max_position_embeddings
     prompts = [load_prompts(cfg.generate, cfg.topology.clients, job.tokenizer, c, max_pos)
                for c in range(cfg.topology.clients)]
-    if cfg.generate.adapters_dir:
-        saved = saved_partition(cfg.generate.adapters_dir, cfg.topology.clients, key="generate.adapters_dir")
-        if saved is not None and saved != cfg.splits():  # the run rebalanced: follow its final partition
-            if topo.rank == 0:
-                say(f"fedsea: note: generate.adapters_dir was saved at split.per_client={[list(x) for x in saved]} "
-                    f"(the training run's final partition); using it instead of {[list(x) for x in cfg.splits()]}")
-            cfg.split.per_client = [list(x) for x in saved]
-        check_adapters(cfg.generate.adapters_dir, job.source, cfg.splits(), key="generate.adapters_dir",
-                       model_name=cfg.model.name_or_path)
+    follow_adapters(job, cfg.generate.adapters_dir, "generate.adapters_dir")
     return prompts[topo.client_index] if topo.role is Role.CLIENT else None
+
+
+def follow_adapters(job, root: str, key: str) -> None:
+    """Check the adapter dir ``root`` (config key ``key``; nothing when empty) against this model,
+    at the partition it was saved at: a run that rebalanced saved its final partition, which
+    ``split.per_client`` then follows (rank 0 says so)."""
+    from fedsea_hpc.distributed.env import say
+    from fedsea_hpc.model.adapters import check_adapters, saved_partition
+
+    if not root:
+        return
+    cfg = job.cfg
+    saved = saved_partition(root, cfg.topology.clients, key=key)
+    if saved is not None and saved != cfg.splits():
+        if job.topo.rank == 0:
+            say(f"fedsea: note: {key} was saved at split.per_client={[list(x) for x in saved]} "
+                f"(the training run's final partition); using it instead of {[list(x) for x in cfg.splits()]}")
+        cfg.split.per_client = [list(x) for x in saved]
+    check_adapters(root, job.source, cfg.splits(), key=key, model_name=cfg.model.name_or_path)
 
 
 def generate_split(job, prompts, devices) -> dict | None:
