@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from fedsea_hpc import errors
+from fedsea_hpc.errors import InputError
 from fedsea_hpc.study.sweep import LAUNCHERS
-
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,25 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "ranks":
         from fedsea_hpc.config import load_config
-        from fedsea_hpc.distributed.env import say
 
         try:
             cfg = load_config(args.config, args.overrides)
             n = cfg.topology.clients + cfg.topology.servers if args.job in ("generate", "eval") else cfg.world_size()
             print(f"{n} {cfg.run.max_restarts}" if args.with_restarts else n)
-        except ValueError as e:
-            say(f"fedsea: error: {e}")
-            return EXIT_USAGE
+        except InputError as e:
+            return errors.report(e)
         return 0
     if args.cmd == "hostnames":
-        from fedsea_hpc.distributed.env import say
         from fedsea_hpc.distributed.nodelist import NodeListError, expand
 
         try:
             hosts = expand(args.nodelist)
         except NodeListError as e:
-            say(f"fedsea: error: {args.what}: {e}; allowed: host names with [lo-hi,n] ranges, e.g. node[01-04,07]")
-            return EXIT_USAGE
+            return errors.report(NodeListError(f"{args.what}: {e}; allowed: host names with [lo-hi,n] ranges, "
+                                        "e.g. node[01-04,07]"))
         print("\n".join(hosts[:1] if args.first else hosts))
         return 0
     if args.cmd in ("sweep", "report"):
@@ -138,9 +135,8 @@ def _study(args, argv: list[str]) -> int:
             return 0
         records = sweep.sweep(g, args.out, only=args.point, launcher=args.launcher,
                               timeout_s=args.point_timeout_s, argv=cmdline)
-    except ValueError as e:  # GridError, ConfigError: the grid itself is unusable
-        say(f"fedsea: error: {e}")
-        return EXIT_USAGE
+    except InputError as e:  # GridError, ConfigError: the grid itself is unusable
+        return errors.report(e)
     except RuntimeError as e:
         say(f"fedsea: error: {e}")
         return 1
@@ -160,7 +156,7 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
     launch = detect_launch()
     prefix = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
     try:
-        from fedsea_hpc.components.setup import load_data, load_job_config, prepare
+        from fedsea_hpc.components.setup import load_data, load_job_config, make_room, prepare
 
         cfg = load_job_config(config_path, overrides, launch, job)  # before the heavy imports
         prepared = prepare(cfg, launch, job)
@@ -190,9 +186,9 @@ def _launch_job(config_path: str | None, overrides: list[str], job: str = "train
                 problem = str(e)
             store = process.rendezvous(launch, cfg.comm)
             process.preflight(store, launch, problem, cfg.comm.startup_timeout_s)
-    except ValueError as e:  # ConfigError, ModelLoadError, DataError, PreflightError: all user-facing
-        say(f"{prefix}fedsea: error: {e}")
-        return EXIT_USAGE
+        make_room(prepared, job, launch, store)
+    except InputError as e:  # ConfigError, ModelLoadError, DataError, PreflightError: all user-facing
+        return errors.report(e, prefix)
     from fedsea_hpc.distributed.process import run_rank
 
     return run_rank(launch, lambda: _run(prepared, launch, job, prompts, devices, store))
@@ -203,13 +199,14 @@ def _run(job, launch, kind: str, prompts, devices, store) -> int:
     import torch
 
     from fedsea_hpc.components.outputs import write_yaml
+    from fedsea_hpc.components.rundir import CONFIG_FILE
     from fedsea_hpc.distributed import process
 
     cfg = job.cfg
     torch.set_num_threads(process.threads_for(launch, job.topo))
     torch.manual_seed(cfg.run.seed)
     if launch.rank == 0:
-        write_yaml(os.path.join(cfg.run.output_dir, "config.yaml"), cfg.to_dict())
+        write_yaml(os.path.join(cfg.run.output_dir, CONFIG_FILE[kind]), cfg.to_dict())
     if job.topo is None and cfg.train.mode == "local":
         from fedsea_hpc.train.local import train_local
 

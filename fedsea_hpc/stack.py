@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 from importlib import metadata
 
+from fedsea_hpc.errors import InputError
+
 TESTED = {"transformers": "5.24.0", "peft": "0.21.2", "deepspeed": "0.19.8"}
 ALLOW_ENV = "FEDSEA_ALLOW_UNTESTED_STACK"
 
 
-class StackError(ValueError):
+class StackError(InputError):
     """An installed library version this code was not tested with (exit code 2)."""
 
 

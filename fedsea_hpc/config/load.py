@@ -13,6 +13,21 @@ import yaml
 
 from fedsea_hpc.config.schema import Config, ConfigError
 from fedsea_hpc.config.validate import validate
+from fedsea_hpc.errors import one_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _sections() -> dict[str, type]:
@@ -71,7 +86,7 @@ def _apply(cfg: Config, tree: dict, source: str) -> None:
         raise ConfigError(f"{source}: top level must be a mapping of sections")
     for section, values in tree.items():
         if not hasattr(cfg, section):
-            raise ConfigError(f"unknown config section '{section}' (allowed: {', '.join(_sections())})")
+            raise ConfigError(f"{section}: unknown config section; allowed: {', '.join(_sections())}")
         obj = getattr(cfg, section)
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
@@ -80,8 +95,7 @@ def _apply(cfg: Config, tree: dict, source: str) -> None:
             if f"{section}.{key}" in MOVED:
                 raise ConfigError(f"{section}.{key}: moved to {MOVED[f'{section}.{key}']}; rename it in {source}")
             if key not in hints:
-                raise ConfigError(f"unknown config key '{section}.{key}' "
-                                  f"(allowed in {section}: {', '.join(hints)})")
+                raise ConfigError(f"{section}.{key}: unknown config key; allowed in {section}: {', '.join(hints)}")
             setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
@@ -116,12 +130,20 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"--config: no such file {path!r}")
+            what = "is a directory" if p.is_dir() else "no such file"
+            raise ConfigError(f"--config {path}: {what}; allowed: a YAML file of config sections")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: invalid YAML: {str(e).splitlines()[0]}") from None
-        _apply(cfg, tree, path)
+            where = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            at = f" (line {where.line + 1})" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config {path}: invalid YAML{at}: {problem}; allowed: a YAML mapping "
+                              "of sections, e.g. `train: {steps: 20}`") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: cannot read it ({one_line(e)})") from None
+        tree = {} if tree is None else tree
+        _apply(cfg, tree, f"--config {path}")
     _apply(cfg, parse_overrides(overrides or []), "overrides")
     validate(cfg)
     return cfg

@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 import yaml
 
+from fedsea_hpc.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A one-line, user-facing configuration error (exit code 2)."""
 
 
@@ -50,6 +52,9 @@ class RunConfig:
     max_restarts: int = _f(0, "launch/local.sh and slurm/*.sbatch: restart a failed training job this many times, "
                               "each from the last checkpoint (run.resume=auto; run.save_every sets how much is "
                               "redone). Not on bad input (exit 2) or a stop by signal (exit 75).")
+    overwrite: bool = _f(False, "A run into a run.output_dir that holds an earlier run of the same job moves that "
+                                "run aside (train: to DIR.1, DIR.2, ...; generate/eval: their own files to DIR/eval.1/ "
+                                "...) and says so; true deletes its outputs instead (README, Outputs).")
     resume: str = _f("off", "Continue a run from a checkpoint: off; auto (the latest complete one under "
                             "run.output_dir/checkpoints, or start fresh); or the path of a checkpoint directory.")
     resume_clients: list = _f([], "Resume with other clients: client i of this run continues the checkpoint's "

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from fedsea_hpc.config.schema import _DEEPSPEED_EXTRA_REFUSED, DEEPSPEED_EXTRA_ALLOWED, Config, ConfigError
+from fedsea_hpc.errors import one_line
 
 
 def _check_deepspeed_extra(extra: dict) -> None:
@@ -42,6 +43,19 @@ def _check_emulate(cfg, need) -> None:
         need(isinstance(xs, list) and len(xs) == n, f"emulate.{key}: must hold one number per client ({n}), got {xs}")
         need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v) for v in xs),
              f"emulate.{key}: every value must be a number {allowed}, got {xs}")
+
+
+def _check_files(key: str, files, need) -> None:
+    """Each entry a path string naming an existing file (not a directory)."""
+    for i, fpath in enumerate(files):
+        need(isinstance(fpath, str) and fpath != "", f"{key}[{i}]: expected a file path, got {fpath!r}; allowed: "
+                                                     "a JSONL file path (a string)")
+        try:
+            is_dir, is_file = Path(fpath).is_dir(), Path(fpath).is_file()
+        except OSError as e:  # a name too long for the file system, ...
+            raise ConfigError(f"{key}[{i}]: {one_line(e)}; allowed: an existing JSONL file") from None
+        need(not is_dir, f"{key}[{i}]: {fpath} is a directory; allowed: a JSONL file")
+        need(is_file, f"{key}[{i}]: no such file {fpath!r}")
 
 
 def _is_int(v) -> bool:
@@ -92,7 +106,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(cfg.train.steps >= 1, f"train.steps: must be >= 1, got {cfg.train.steps}")
     need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {cfg.train.micro_batch_size}")
     need(cfg.train.seq_len >= 2, f"train.seq_len: must be >= 2, got {cfg.train.seq_len}")
-    need(cfg.train.lr > 0, f"train.lr: must be > 0, got {cfg.train.lr}")
+    need(cfg.train.lr > 0 and math.isfinite(cfg.train.lr), f"train.lr: must be a finite number > 0, got {cfg.train.lr}")
     need(cfg.peft.lora_r >= 0, f"peft.lora_r: must be >= 0 (0 = full fine-tuning), got {cfg.peft.lora_r}")
     need(all(isinstance(m, str) and m for m in cfg.peft.target_modules) and cfg.peft.target_modules != [],
          "peft.target_modules: must be a non-empty list of module names, e.g. [q_proj, v_proj]")
@@ -134,8 +148,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(g.top_k >= 0, f"generate.top_k: must be >= 0 (0 = off), got {g.top_k}")
     need(0 < g.top_p <= 1, f"generate.top_p: must be in (0, 1], got {g.top_p}")
     need(all(isinstance(x, str) and x for x in g.stop), f"generate.stop: must be a list of non-empty strings, got {g.stop}")
-    for i, fpath in enumerate(g.prompts_files):
-        need(isinstance(fpath, str) and Path(fpath).is_file(), f"generate.prompts_files[{i}]: no such file {fpath!r}")
+    _check_files("generate.prompts_files", g.prompts_files, need)
     if g.prompts_files:
         n = len(g.prompts_files)
         need(n in (1, t.clients), f"generate.prompts_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
@@ -173,8 +186,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
                  f"{where}: need 1 <= p, 1 <= q, p + q < {num_layers} layers; got p={p}, q={q}")
     if not cfg.data.train_files:
         cfg.data.train_files = shipped_data_files()[: t.clients] if t.clients <= 3 else shipped_data_files()[:1]
-    for i, fpath in enumerate(cfg.data.train_files):
-        need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.train_files[{i}]: no such file {fpath!r}")
+    _check_files("data.train_files", cfg.data.train_files, need)
     n = len(cfg.data.train_files)
     need(n in (1, t.clients), f"data.train_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
     d = cfg.data
@@ -182,8 +194,7 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
          f"data.eval_fraction: must be 0 (no eval set) or in (0, 0.5], got {d.eval_fraction}")
     need(not (d.eval_files and d.eval_fraction), "data.eval_fraction: give data.eval_files or data.eval_fraction, "
                                                  f"not both (got {len(d.eval_files)} files and {d.eval_fraction})")
-    for i, fpath in enumerate(d.eval_files):
-        need(isinstance(fpath, str) and Path(fpath).is_file(), f"data.eval_files[{i}]: no such file {fpath!r}")
+    _check_files("data.eval_files", d.eval_files, need)
     n = len(d.eval_files)
     need(n in (0, 1, t.clients), f"data.eval_files: give 1 file (sharded) or {t.clients} (one per client), got {n}")
     need(_is_int(cfg.train.eval_every) and cfg.train.eval_every >= 0,

@@ -26,10 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedsea_hpc.errors import InputError
+
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(InputError):
     """A problem with the training data, as a one-line message naming the file and line."""
 
 
@@ -91,6 +96,8 @@ def _record_format(record: object) -> str:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str)
                     and isinstance(m.get("content"), str)):
                 raise DataError(f"messages[{j}] needs string 'role' and 'content'")
+            if m["role"] not in CHAT_ROLES:
+                raise DataError(f"messages[{j}]: unknown role {m['role']!r}; allowed: {', '.join(CHAT_ROLES)}")
         if not any(m["role"] == "assistant" for m in value):
             raise DataError("'messages' needs at least one 'assistant' turn to learn from")
     return kind

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedsea_hpc.config import GenerateConfig
-from fedsea_hpc.data.dataset import DataError, encode_prompt, read_numbered_jsonl
+from fedsea_hpc.data.dataset import CHAT_ROLES, DataError, encode_prompt, read_numbered_jsonl
 
 
 @dataclass
@@ -26,6 +26,10 @@ def _check_prompt_record(rec: object) -> None:
             for m in rec["messages"])))
     if not ok:
         raise DataError("record needs a non-empty 'prompt' string or a 'messages' list of {role, content}")
+    msgs = rec.get("messages") if isinstance(rec.get("messages"), list) else []
+    for j, m in enumerate(msgs):
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"messages[{j}]: unknown role {m['role']!r}; allowed: {', '.join(CHAT_ROLES)}")
 
 
 def load_prompts(g: GenerateConfig, n_clients: int, tokenizer, client: int, max_positions: int) -> list[Prompt]:

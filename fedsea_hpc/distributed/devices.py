@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedsea_hpc.errors import InputError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class DeviceError(ValueError):
+class DeviceError(InputError):
     """A device this rank cannot use (a user error: exit 2)."""
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 
+from fedsea_hpc.errors import InputError
+
 _PART = re.compile(r"\[([^\[\]]*)\]")
 _HOST_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-class NodeListError(ValueError):
+class NodeListError(InputError):
     """A host list that cannot be read."""
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 from fedsea_hpc.distributed.env import LaunchInfo, say, setup_torch_env
 from fedsea_hpc.distributed.topology import Role, Topology
+from fedsea_hpc.errors import InputError
 
 
 def role_threads(cores: int, clients: int, servers: int) -> dict[str, int]:
@@ -54,7 +55,7 @@ def rank_devices(launch: LaunchInfo, topo: Topology, cfg):
                    cuda_available=available, device_count=torch.cuda.device_count() if available else 0)
 
 
-class PreflightError(ValueError):
+class PreflightError(InputError):
     """A rank found a problem with its own set-up (a GPU it lacks): every rank stops with it, exit 2."""
 
 

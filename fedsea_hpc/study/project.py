@@ -36,13 +36,14 @@ import math
 import statistics
 from pathlib import Path
 
+from fedsea_hpc.errors import InputError
 from fedsea_hpc.trace import COLLECTIVE, POST, STEP, WAIT
 
 WARMUP = 2
 _PREFIX = {POST: "post", WAIT: "wait", COLLECTIVE: "coll", STEP: "step"}  # a replayed slice's point names
 
 
-class ProjectionError(ValueError):
+class ProjectionError(InputError):
     """The trace cannot be replayed (missing, not a fedsea trace, inconsistent)."""
 
 
