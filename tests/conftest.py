@@ -118,11 +118,11 @@ def with_free_port(launch: Callable[[int], T], attempts: int = 3) -> T:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Every test that is neither ``multirank`` nor ``slow`` is ``quick`` (the edit-test loop:
-    ``launch/test.sh -m quick``). Tests that start ranks (mpiexec, mp.spawn, srun) must carry
+    """Every test that is neither ``multirank``, ``slow`` nor ``entry`` is ``quick`` (the edit-test
+    loop: ``launch/test.sh -m quick``). Tests that start ranks (mpiexec, mp.spawn, srun) must carry
     ``multirank``, or they would land here."""
     for item in items:
-        if item.get_closest_marker("multirank") is None and item.get_closest_marker("slow") is None:
+        if not any(item.get_closest_marker(m) for m in ("multirank", "slow", "entry")):
             item.add_marker(pytest.mark.quick)
 
 
