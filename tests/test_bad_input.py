@@ -315,3 +315,19 @@ def test_eval_and_generate_outputs_move_within_the_run_dir(tmp_path):
     assert not (d / "generations-client0.jsonl").exists()
     assert rundir.make_room(str(d), "train", overwrite=False, resuming_inside=True) is None
     assert (d / "summary.json").exists()
+
+
+@pytest.mark.multirank
+def test_two_split_runs_in_a_row_keep_both(tmp_path, mpiexec_path):
+    """What `launch/local.sh` twice in a row does: rank 0 moves the first run aside while the other
+    ranks wait, then the second run writes a fresh directory."""
+    out = tmp_path / "run"
+    args = ["topology.clients=1", "topology.servers=1", "train.steps=2", f"run.output_dir={out}"]
+    check_ok(run_fedsea(args, n=2))
+    first = load_summary(out)
+    proc = run_fedsea(args, n=2)
+    check_ok(proc)
+    assert proc.stderr.count(f"moved it to {out}.1") == 1  # rank 0 only
+    assert load_summary(f"{out}.1") == first
+    assert (out / "summary.json").is_file() and (out / "config.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.1"]

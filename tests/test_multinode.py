@@ -266,5 +266,8 @@ def test_a_lost_node1_ends_the_job_on_both_nodes(nodes, tmp_path, how):
     text = job.text()
     assert "lost rank" in text or "no heartbeat" in text, text
     if how == "kill_rank_on_node1":
-        for r in (0, 1):  # node 0's ranks name the lost one
-            assert "rank 3" in job.text(r) or "rank 2" in job.text(r), job.text(r)
+        # Node 0's ranks each end on a lost peer, and one of them names node 1's: the other may
+        # first lose its node-0 partner, which already left (the death passed on; seen once in a full local run).
+        for r in (0, 1):
+            assert "lost rank" in job.text(r) or "no heartbeat" in job.text(r), job.text(r)
+        assert any("rank 3" in job.text(r) or "rank 2" in job.text(r) for r in (0, 1)), job.text()

@@ -73,7 +73,7 @@ def prepare(cfg: Config, launch: LaunchInfo, job: str) -> Job:
                                                    intermediate_size=m.tiny_intermediate_size))
         tokenizer = load_tokenizer(m.name_or_path, cache_dir=m.cache_dir or None)
     check_tokenizer(tokenizer, source.config, m.name_or_path)
-    if cfg.train.seq_len > source.config.max_position_embeddings:
+    if job in ("train", "eval") and cfg.train.seq_len > source.config.max_position_embeddings:  # generate: unused
         raise ConfigError(f"train.seq_len: {cfg.train.seq_len} is beyond the model's "
                           f"{source.config.max_position_embeddings} positions; allowed: 2 .. "
                           f"{source.config.max_position_embeddings}")

@@ -106,7 +106,8 @@ def validate(cfg: Config, num_layers: int | None = None) -> None:
     need(cfg.train.steps >= 1, f"train.steps: must be >= 1, got {cfg.train.steps}")
     need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {cfg.train.micro_batch_size}")
     need(cfg.train.seq_len >= 2, f"train.seq_len: must be >= 2, got {cfg.train.seq_len}")
-    need(cfg.train.lr > 0 and math.isfinite(cfg.train.lr), f"train.lr: must be a finite number > 0, got {cfg.train.lr}")
+    need(cfg.train.lr > 0, f"train.lr: must be > 0, got {cfg.train.lr}")
+    need(math.isfinite(cfg.train.lr), f"train.lr: must be a finite number, got {cfg.train.lr}")
     need(cfg.peft.lora_r >= 0, f"peft.lora_r: must be >= 0 (0 = full fine-tuning), got {cfg.peft.lora_r}")
     need(all(isinstance(m, str) and m for m in cfg.peft.target_modules) and cfg.peft.target_modules != [],
          "peft.target_modules: must be a non-empty list of module names, e.g. [q_proj, v_proj]")

@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from fedsea_hpc.errors import InputError
 
 IGNORE_INDEX = -100
-
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles a chat record may use
 
 
 class DataError(InputError):
