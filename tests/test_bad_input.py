@@ -315,6 +315,10 @@ def test_eval_and_generate_outputs_move_within_the_run_dir(tmp_path):
     assert not (d / "generations-client0.jsonl").exists()
     assert rundir.make_room(str(d), "train", overwrite=False, resuming_inside=True) is None
     assert (d / "summary.json").exists()
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)  # made ready for the run (a mount point, say): nothing to lose
+    assert rundir.earlier_outputs(str(fresh), "train") == []
+    assert rundir.make_room(str(fresh), "train", overwrite=False) is None and (fresh / "checkpoints").is_dir()
 
 
 @pytest.mark.multirank

@@ -50,8 +50,10 @@ def check(path: str) -> None:
 
 
 def earlier_outputs(path: str, job: str) -> list[str]:
-    """The files and dirs of an earlier ``job`` in ``path`` (sorted; empty when none)."""
-    return sorted({m for pat in OUTPUTS[job] for m in glob.glob(os.path.join(glob.escape(path), pat))})
+    """The files and dirs of an earlier ``job`` in ``path`` (sorted; empty when none). An empty
+    directory holds nothing to lose (e.g. ``checkpoints/`` made ready as a mount point): not counted."""
+    found = {m for pat in OUTPUTS[job] for m in glob.glob(os.path.join(glob.escape(path), pat))}
+    return sorted(m for m in found if not (os.path.isdir(m) and not os.listdir(m)))
 
 
 def _free(base: str) -> str:
