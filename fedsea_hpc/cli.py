@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             hosts = expand(args.nodelist)
         except NodeListError as e:
             return errors.report(NodeListError(f"{args.what}: {e}; allowed: host names with [lo-hi,n] ranges, "
-                                        "e.g. node[01-04,07]"))
+                                               "e.g. node[01-04,07]"))
         print("\n".join(hosts[:1] if args.first else hosts))
         return 0
     if args.cmd in ("sweep", "report"):

@@ -8,9 +8,7 @@ line turns it into exit code 2 before anyone waits in a collective. :func:`make_
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 from fedsea_hpc.components import rundir
 from fedsea_hpc.config import ONE_PROCESS_MODES, Config, ConfigError, check_world_size, load_config, validate
@@ -131,29 +129,23 @@ def load_data(job: Job) -> None:
 
 def make_room(job: Job, kind: str, launch: LaunchInfo, store) -> None:
     """Once every rank passed its checks, rank 0 moves an earlier run in ``run.output_dir`` aside
-    (:func:`rundir.make_room`) while the others wait on ``store`` (None: one process), so no rank
-    writes there first; a move that fails is every rank's one-line error."""
-    key, cfg = "fedsea/output-dir", job.cfg
+    (:func:`rundir.make_room`) while the others wait in a second preflight stage on ``store``
+    (None: one process), so no rank writes there first; a move that fails is every rank's
+    one-line error."""
+    cfg, problem = job.cfg, None
     if launch.rank == 0:
         inside = job.resume is not None and rundir.is_inside(job.resume.path, cfg.run.output_dir)
         try:
             moved = rundir.make_room(cfg.run.output_dir, kind, cfg.run.overwrite, resuming_inside=inside)
-            verdict = ""
             if moved:
                 say(f"fedsea: note: run.output_dir {cfg.run.output_dir} held an earlier {kind} run; moved it to "
                     f"{moved} (run.overwrite=true replaces it instead)")
         except (InputError, OSError) as e:
-            verdict = str(e) if isinstance(e, InputError) else \
+            problem = str(e) if isinstance(e, InputError) else \
                 f"run.output_dir: cannot clear {cfg.run.output_dir} for this run ({one_line(e)})"
-        if store is not None:
-            store.set(key, verdict)
-            if verdict:  # rank 0 hosts the store: stay until every rank has read the verdict
-                deadline = time.monotonic() + cfg.comm.startup_timeout_s
-                while store.add(f"{key}/read", 0) < launch.world_size - 1 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-    else:
-        store.wait([key], timedelta(seconds=cfg.comm.startup_timeout_s))
-        verdict = store.get(key).decode()
-        store.add(f"{key}/read", 1)
-    if verdict:
-        raise InputError(verdict)
+    if store is not None:
+        from fedsea_hpc.distributed import process
+
+        process.preflight(store, launch, problem, cfg.comm.startup_timeout_s, stage="output-dir")
+    elif problem:
+        raise InputError(problem)

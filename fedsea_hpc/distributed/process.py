@@ -70,13 +70,15 @@ def rendezvous(launch: LaunchInfo, comm):
                          wait_for_workers=False)
 
 
-def preflight(store, launch: LaunchInfo, problem: str | None, timeout_s: float) -> None:
+def preflight(store, launch: LaunchInfo, problem: str | None, timeout_s: float, stage: str = "preflight") -> None:
     """Every rank says whether its set-up is sound and hears every other's, through ``store``.
 
     A problem only one rank can see (this node has no GPU) must not leave the others waiting in
     ``init_process_group``: each rank posts its problem (or none), waits for all, and if any rank
-    has one every rank raises :class:`PreflightError` with the first (a one-line error, exit 2)."""
-    keys = [f"fedsea/preflight/{r}" for r in range(launch.world_size)]
+    has one every rank raises :class:`PreflightError` with the first (a one-line error, exit 2).
+    No rank returns before every rank has posted, so a later ``stage`` (its own keys) also orders
+    work: what a rank did before posting is done when the others return."""
+    keys = [f"fedsea/{stage}/{r}" for r in range(launch.world_size)]
     store.set(keys[launch.rank], problem or "")
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
@@ -89,10 +91,10 @@ def preflight(store, launch: LaunchInfo, problem: str | None, timeout_s: float) 
         return
     # Rank 0 hosts the store: it leaves only once every rank has read the verdict, or a rank
     # still reading would see "connection reset" instead of the one-line error.
-    store.add("fedsea/preflight/read", 1)
+    store.add(f"fedsea/{stage}/read", 1)
     if launch.rank == 0:
         deadline = time.monotonic() + timeout_s
-        while store.add("fedsea/preflight/read", 0) < launch.world_size and time.monotonic() < deadline:
+        while store.add(f"fedsea/{stage}/read", 0) < launch.world_size and time.monotonic() < deadline:
             time.sleep(0.01)
     raise PreflightError(problems[0])
 

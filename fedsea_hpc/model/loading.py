@@ -225,7 +225,8 @@ def _dir_source(path: Path, kind: str, name: str) -> ModelSource:
     source = ModelSource(kind=kind, path=str(path), config=config, tokenizer_path=str(path), _files=files)
     with torch.device("meta"):  # the tensors this architecture needs, shapes only
         need = LlamaForCausalLM(config).state_dict()
-    missing = [k for k in need if k not in set(source.keys())]
+    have = set(source.keys())
+    missing = [k for k in need if k not in have]
     if missing:
         raise ModelLoadError(f"model.name_or_path={name!r}: {len(missing)} of the model's {len(need)} tensors are "
                              f"missing from {path} (e.g. {', '.join(missing[:3])}); allowed: a complete checkpoint")
